@@ -1,0 +1,456 @@
+"""Configuration: one YAML file, validated completely before anything starts.
+
+Every error names the file, the key path and the fix, and loading stops at the
+first file that is not valid. Unknown keys are errors, so a typo never turns
+into a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+CONFIG_ENV = "EXT_AUTHZ_CONFIG"
+
+# Asymmetric algorithms only: a shared-secret HMAC algorithm or "none" would let
+# anyone holding the issuer's public key, or nobody at all, mint tokens.
+SUPPORTED_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+OIDC_METADATA_PATH = "/.well-known/openid-configuration"
+OAUTH_METADATA_PATH = "/.well-known/oauth-authorization-server"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or not valid."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    grpc_address: str = "0.0.0.0:9001"
+    http_address: str = "0.0.0.0:9002"
+    grpc_threads: int = 16
+    shutdown_grace_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    metadata_path: str = OIDC_METADATA_PATH
+    jwks_uri: str | None = None
+    algorithms: tuple[str, ...] = SUPPORTED_ALGORITHMS
+    leeway_seconds: int = 30
+    allow_insecure_http: bool = False
+    jwks_refresh_seconds: int = 300
+    jwks_min_refetch_seconds: int = 30
+    fetch_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str
+    issuers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DenyConfig:
+    authentication_status: int = 403
+
+
+@dataclass(frozen=True)
+class Config:
+    issuers: tuple[IssuerConfig, ...]
+    policies: tuple[PolicyConfig, ...]
+    default_policy: str
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deny: DenyConfig = field(default_factory=DenyConfig)
+    source: str = "<memory>"
+
+    def issuer(self, name: str) -> IssuerConfig:
+        return next(issuer for issuer in self.issuers if issuer.name == name)
+
+    def policy(self, name: str) -> PolicyConfig | None:
+        return next((policy for policy in self.policies if policy.name == name), None)
+
+
+def resolve_config_path(path: str | None) -> Path:
+    """Return the config path from the command line, else from EXT_AUTHZ_CONFIG."""
+    chosen = path or os.environ.get(CONFIG_ENV)
+    if not chosen:
+        raise ConfigError(f"no configuration file given: pass --config PATH or set {CONFIG_ENV}")
+    return Path(chosen)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the YAML file at `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the configuration file: {error.strerror}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(document, source=str(path))
+
+
+def parse_config(document: Any, source: str = "<memory>") -> Config:
+    """Validate a parsed YAML document and build the Config."""
+    return _Parser(source).config(document)
+
+
+class _Parser:
+    """Walks the document once, with the key path of every value at hand."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {path}: {problem}. {fix}")
+
+    # Sections
+
+    def config(self, document: Any) -> Config:
+        root = self.mapping(
+            document,
+            "(top level)",
+            {"server", "logging", "issuers", "policies", "default_policy", "deny"},
+            required={"issuers", "policies"},
+        )
+        issuers = self.issuers(root["issuers"])
+        issuer_names = {issuer.name for issuer in issuers}
+        policies = self.policies(root["policies"], issuer_names)
+        policy_names = [policy.name for policy in policies]
+
+        default_policy = self.string(root.get("default_policy", policy_names[0]), "default_policy")
+        if default_policy not in policy_names:
+            raise self.fail(
+                "default_policy",
+                f"names policy {default_policy!r}, which is not defined",
+                f"Use one of the names under policies: {', '.join(policy_names)}.",
+            )
+
+        return Config(
+            issuers=issuers,
+            policies=policies,
+            default_policy=default_policy,
+            server=self.server(root.get("server", {})),
+            logging=self.logging(root.get("logging", {})),
+            deny=self.deny(root.get("deny", {})),
+            source=self.source,
+        )
+
+    def server(self, value: Any) -> ServerConfig:
+        section = self.mapping(
+            value,
+            "server",
+            {"grpc_address", "http_address", "grpc_threads", "shutdown_grace_seconds"},
+        )
+        defaults = ServerConfig()
+        return ServerConfig(
+            grpc_address=self.address(
+                section.get("grpc_address", defaults.grpc_address), "server.grpc_address"
+            ),
+            http_address=self.address(
+                section.get("http_address", defaults.http_address), "server.http_address"
+            ),
+            grpc_threads=self.integer(
+                section.get("grpc_threads", defaults.grpc_threads), "server.grpc_threads", 1, 1024
+            ),
+            shutdown_grace_seconds=self.number(
+                section.get("shutdown_grace_seconds", defaults.shutdown_grace_seconds),
+                "server.shutdown_grace_seconds",
+                0,
+                600,
+            ),
+        )
+
+    def logging(self, value: Any) -> LoggingConfig:
+        section = self.mapping(value, "logging", {"level", "format"})
+        return LoggingConfig(
+            level=self.choice(
+                section.get("level", "info"), "logging.level", ("debug", "info", "warning", "error")
+            ),
+            format=self.choice(section.get("format", "json"), "logging.format", ("json", "text")),
+        )
+
+    def deny(self, value: Any) -> DenyConfig:
+        section = self.mapping(value, "deny", {"authentication_status"})
+        status = section.get("authentication_status", 403)
+        if status not in (401, 403) or isinstance(status, bool):
+            raise self.fail(
+                "deny.authentication_status",
+                f"must be 401 or 403, got {status!r}",
+                "Use 403 (the default) or 401 for RFC 6750 behaviour.",
+            )
+        return DenyConfig(authentication_status=status)
+
+    def issuers(self, value: Any) -> tuple[IssuerConfig, ...]:
+        items = self.sequence(value, "issuers", minimum=1)
+        issuers = tuple(self.issuer(item, f"issuers[{index}]") for index, item in enumerate(items))
+        self.unique([issuer.name for issuer in issuers], "issuers", "name")
+        self.unique([issuer.issuer for issuer in issuers], "issuers", "issuer")
+        return issuers
+
+    def issuer(self, value: Any, path: str) -> IssuerConfig:
+        section = self.mapping(
+            value,
+            path,
+            {
+                "name",
+                "issuer",
+                "metadata_path",
+                "jwks_uri",
+                "audiences",
+                "algorithms",
+                "leeway_seconds",
+                "allow_insecure_http",
+                "jwks_refresh_seconds",
+                "jwks_min_refetch_seconds",
+                "fetch_timeout_seconds",
+            },
+            required={"name", "issuer", "audiences"},
+        )
+        defaults = IssuerConfig(name="", issuer="", audiences=())
+        name = self.name(section["name"], f"{path}.name")
+        allow_http = self.boolean(
+            section.get("allow_insecure_http", False), f"{path}.allow_insecure_http"
+        )
+        issuer = self.url(section["issuer"], f"{path}.issuer", allow_http)
+
+        metadata_path = self.string(
+            section.get("metadata_path", defaults.metadata_path), f"{path}.metadata_path"
+        )
+        if not metadata_path.startswith("/"):
+            raise self.fail(
+                f"{path}.metadata_path",
+                f"must start with '/', got {metadata_path!r}",
+                f"Use {OIDC_METADATA_PATH!r} or {OAUTH_METADATA_PATH!r}.",
+            )
+        jwks_uri = section.get("jwks_uri")
+        if jwks_uri is not None:
+            jwks_uri = self.url(jwks_uri, f"{path}.jwks_uri", allow_http)
+
+        audiences = self.strings(section["audiences"], f"{path}.audiences", minimum=1)
+        algorithms = self.strings(
+            section.get("algorithms", list(SUPPORTED_ALGORITHMS)), f"{path}.algorithms", minimum=1
+        )
+        for index, algorithm in enumerate(algorithms):
+            if algorithm not in SUPPORTED_ALGORITHMS:
+                raise self.fail(
+                    f"{path}.algorithms[{index}]",
+                    f"unsupported algorithm {algorithm!r}",
+                    f"Use asymmetric algorithms from: {', '.join(SUPPORTED_ALGORITHMS)}.",
+                )
+
+        return IssuerConfig(
+            name=name,
+            issuer=issuer,
+            metadata_path=metadata_path,
+            jwks_uri=jwks_uri,
+            audiences=audiences,
+            algorithms=algorithms,
+            leeway_seconds=self.integer(
+                section.get("leeway_seconds", defaults.leeway_seconds),
+                f"{path}.leeway_seconds",
+                0,
+                600,
+            ),
+            allow_insecure_http=allow_http,
+            jwks_refresh_seconds=self.integer(
+                section.get("jwks_refresh_seconds", defaults.jwks_refresh_seconds),
+                f"{path}.jwks_refresh_seconds",
+                10,
+                86400,
+            ),
+            jwks_min_refetch_seconds=self.integer(
+                section.get("jwks_min_refetch_seconds", defaults.jwks_min_refetch_seconds),
+                f"{path}.jwks_min_refetch_seconds",
+                0,
+                3600,
+            ),
+            fetch_timeout_seconds=self.number(
+                section.get("fetch_timeout_seconds", defaults.fetch_timeout_seconds),
+                f"{path}.fetch_timeout_seconds",
+                0.1,
+                60,
+            ),
+        )
+
+    def policies(self, value: Any, issuer_names: set[str]) -> tuple[PolicyConfig, ...]:
+        items = self.sequence(value, "policies", minimum=1)
+        policies = []
+        for index, item in enumerate(items):
+            path = f"policies[{index}]"
+            section = self.mapping(item, path, {"name", "issuers"}, required={"name", "issuers"})
+            issuers = self.strings(section["issuers"], f"{path}.issuers", minimum=1)
+            for position, issuer_name in enumerate(issuers):
+                if issuer_name not in issuer_names:
+                    raise self.fail(
+                        f"{path}.issuers[{position}]",
+                        f"names issuer {issuer_name!r}, which is not defined",
+                        f"Use one of the names under issuers: {', '.join(sorted(issuer_names))}.",
+                    )
+            policies.append(
+                PolicyConfig(name=self.name(section["name"], f"{path}.name"), issuers=issuers)
+            )
+        self.unique([policy.name for policy in policies], "policies", "name")
+        return tuple(policies)
+
+    # Values
+
+    def mapping(
+        self,
+        value: Any,
+        path: str,
+        allowed: set[str],
+        required: frozenset[str] | set[str] = frozenset(),
+    ) -> dict[str, Any]:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(
+                path,
+                f"expected a mapping, got {_type_name(value)}",
+                "Write it as `key: value` lines.",
+            )
+        for key in value:
+            if key not in allowed:
+                raise self.fail(
+                    _join(path, str(key)),
+                    "unknown key",
+                    f"Remove it or use one of: {', '.join(sorted(allowed))}.",
+                )
+        for key in sorted(required):
+            if key not in value:
+                raise self.fail(_join(path, key), "missing required key", f"Add `{key}:`.")
+        return value
+
+    def sequence(self, value: Any, path: str, minimum: int = 0) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(
+                path, f"expected a list, got {_type_name(value)}", "Write it as a YAML list."
+            )
+        if len(value) < minimum:
+            raise self.fail(path, f"needs at least {minimum} entry", "Add an entry.")
+        return value
+
+    def string(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(
+                path, f"expected a non-empty string, got {_type_name(value)}", "Quote the value."
+            )
+        return value
+
+    def strings(self, value: Any, path: str, minimum: int = 0) -> tuple[str, ...]:
+        items = self.sequence(value, path, minimum)
+        return tuple(self.string(item, f"{path}[{index}]") for index, item in enumerate(items))
+
+    def name(self, value: Any, path: str) -> str:
+        text = self.string(value, path)
+        if not NAME_PATTERN.match(text):
+            raise self.fail(
+                path,
+                f"invalid name {text!r}",
+                "Use lower-case letters, digits, '_', '.' and '-' (at most 63 characters).",
+            )
+        return text
+
+    def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(path, f"invalid value {value!r}", f"Use one of: {', '.join(choices)}.")
+        return str(value)
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(path, f"expected true or false, got {value!r}", "Write true or false.")
+        return value
+
+    def integer(self, value: Any, path: str, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(
+                path, f"expected an integer from {low} to {high}, got {value!r}", "Fix the value."
+            )
+        return value
+
+    def number(self, value: Any, path: str, low: float, high: float) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high
+        ):
+            raise self.fail(
+                path, f"expected a number from {low} to {high}, got {value!r}", "Fix the value."
+            )
+        return float(value)
+
+    def address(self, value: Any, path: str) -> str:
+        text = self.string(value, path)
+        host, separator, port = text.rpartition(":")
+        if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise self.fail(
+                path, f"expected HOST:PORT, got {text!r}", 'Write it like "0.0.0.0:9001".'
+            )
+        return text
+
+    def url(self, value: Any, path: str, allow_http: bool) -> str:
+        text = self.string(value, path)
+        parts = urlsplit(text)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise self.fail(
+                path, f"expected an absolute https URL, got {text!r}", "Write the full URL."
+            )
+        if parts.scheme == "http" and not allow_http:
+            raise self.fail(
+                path,
+                f"plain http URL {text!r} is refused",
+                "Use https, or set allow_insecure_http: true on this issuer for local development.",
+            )
+        return text
+
+    def unique(self, values: list[str], path: str, key: str) -> None:
+        seen: set[str] = set()
+        for index, value in enumerate(values):
+            if value in seen:
+                raise self.fail(
+                    f"{path}[{index}].{key}",
+                    f"duplicate value {value!r}",
+                    f"Give each entry its own {key}.",
+                )
+            seen.add(value)
+
+
+def _join(path: str, key: str) -> str:
+    return key if path == "(top level)" else f"{path}.{key}"
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
+    return names.get(type(value), type(value).__name__)

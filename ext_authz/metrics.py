@@ -1,0 +1,42 @@
+"""Prometheus metrics. Labels are bounded sets: policy, decision, reason, issuer name."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """The service's metrics, kept in their own registry so tests can make fresh ones."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.decisions = Counter(
+            "ext_authz_decisions",
+            "Check decisions by policy, decision (allow or deny) and reason.",
+            ["policy", "decision", "reason"],
+            registry=self.registry,
+        )
+        self.check_duration = Histogram(
+            "ext_authz_check_duration_seconds",
+            "Time spent answering one Check call, in seconds.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            registry=self.registry,
+        )
+        self.jwks_fetches = Counter(
+            "ext_authz_jwks_fetches",
+            "Issuer metadata and JWKS fetches by issuer and result.",
+            ["issuer", "result"],
+            registry=self.registry,
+        )
+        self.jwks_keys = Gauge(
+            "ext_authz_jwks_keys",
+            "Usable signing keys currently cached per issuer.",
+            ["issuer"],
+            registry=self.registry,
+        )
+        self.jwks_age = Gauge(
+            "ext_authz_jwks_age_seconds",
+            "Seconds since the issuer's key set was last fetched successfully.",
+            ["issuer"],
+            registry=self.registry,
+        )

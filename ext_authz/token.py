@@ -1,0 +1,95 @@
+"""Compact JWS parsing: split, strict base64url, JSON header and payload.
+
+Nothing here trusts the token. The signature is checked later, against a key
+chosen by configuration; the header only names which configured key to use.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# RFC 7515 §2: base64url without padding. Python's decoder accepts padding,
+# '+', '/' and stray characters, so the alphabet is checked first.
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+class MalformedTokenError(ValueError):
+    """The token is not a well-formed compact JWS; the message never holds token text."""
+
+
+@dataclass(frozen=True)
+class ParsedToken:
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+    @property
+    def algorithm(self) -> Any:
+        return self.header.get("alg")
+
+    @property
+    def kid(self) -> Any:
+        return self.header.get("kid")
+
+
+def parse_token(token: str) -> ParsedToken:
+    """Split and decode a compact JWS; raise MalformedTokenError when it is not one."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise MalformedTokenError(f"expected 3 dot-separated parts, got {len(parts)}")
+    header_part, payload_part, signature_part = parts
+
+    header = _decode_json(header_part, "header")
+    claims = _decode_json(payload_part, "payload")
+    if "crit" in header:
+        # RFC 7515 §4.1.11: unknown critical extensions must be rejected, and
+        # this service implements none.
+        raise MalformedTokenError("the header has a 'crit' parameter")
+    return ParsedToken(
+        header=header,
+        claims=claims,
+        signing_input=f"{header_part}.{payload_part}".encode("ascii"),
+        signature=_decode_segment(signature_part, "signature"),
+    )
+
+
+def _decode_json(segment: str, name: str) -> dict[str, Any]:
+    raw = _decode_segment(segment, name)
+    try:
+        value = json.loads(raw, object_pairs_hook=_unique_members, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise MalformedTokenError(f"the {name} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise MalformedTokenError(f"the {name} is not a JSON object")
+    return value
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # RFC 7515 §5.2 and RFC 7519 §7.2: a JOSE header or claims set with a
+    # duplicate member name is rejected, so two parsers never disagree on it.
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise ValueError("duplicate member name")
+    return members
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259 §6); Python's parser accepts them.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _decode_segment(segment: str, name: str) -> bytes:
+    if not segment and name != "signature":
+        raise MalformedTokenError(f"the {name} is empty")
+    if not _BASE64URL.fullmatch(segment) or len(segment) % 4 == 1:
+        raise MalformedTokenError(f"the {name} is not unpadded base64url")
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        raise MalformedTokenError(f"the {name} is not unpadded base64url") from None
