@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -10,10 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+if TYPE_CHECKING:
+    from ext_authz.dev.stack import Stack
 
 AUDIENCE = "Amplify Central"
 
@@ -121,3 +126,30 @@ def running_issuer(server: IssuerServer) -> Iterator[IssuerServer]:
     finally:
         http.shutdown()
         http.server_close()
+
+
+def send(
+    base_url: str, method: str, path: str, headers: list[tuple[str, str]]
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """Send one request with http.client, which can repeat a header name."""
+    host, port = base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.putrequest(method, path)
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def decision_count(stack: Stack, reason: str, policy: str = "default") -> float:
+    decision = "allow" if reason == "ok" else "deny"
+    pattern = (
+        rf'^ext_authz_decisions_total\{{decision="{decision}",policy="{policy}",'
+        rf'reason="{reason}"\}} (\S+)$'
+    )
+    match = re.search(pattern, stack.metrics_text(), re.MULTILINE)
+    return float(match.group(1)) if match else 0.0

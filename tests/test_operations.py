@@ -1,0 +1,165 @@
+"""The sidecar process: gRPC health, operations endpoints, start-up log and SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ext_authz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
+from ext_authz.api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+
+from .support import IssuerServer, SigningKey, claims_for, free_port
+
+
+class Sidecar:
+    def __init__(self, process: subprocess.Popen[str], grpc_port: int, http_port: int) -> None:
+        self.process = process
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
+        self.http_url = f"http://127.0.0.1:{http_port}"
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+
+@pytest.fixture
+def sidecar(tmp_path: Path, issuer_server: IssuerServer) -> Iterator[Sidecar]:
+    grpc_port, http_port = free_port(), free_port()
+    config: dict[str, Any] = {
+        "server": {
+            "grpc_address": f"127.0.0.1:{grpc_port}",
+            "http_address": f"127.0.0.1:{http_port}",
+            "shutdown_grace_seconds": 5,
+        },
+        "logging": {"level": "info", "format": "json"},
+        "issuers": [
+            {
+                "name": "local",
+                "issuer": issuer_server.url,
+                "audiences": ["Amplify Central"],
+                "allow_insecure_http": True,
+            }
+        ],
+        "policies": [{"name": "default", "issuers": ["local"]}],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ext_authz.cli", "serve", "--config", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    started = Sidecar(process, grpc_port, http_port)
+    deadline = time.monotonic() + 20
+    while not _listening(started):
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            pytest.fail(f"the sidecar did not start: {process.communicate()[1]}")
+        time.sleep(0.1)
+    yield started
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def _listening(sidecar: Sidecar) -> bool:
+    try:
+        return sidecar.get("/healthz")[0] == 200
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
+def test_grpc_health_serving(sidecar: Sidecar):
+    with grpc.insecure_channel(sidecar.grpc_target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "envoy.service.auth.v3.Authorization"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_readyz_lists_issuer_keys(sidecar: Sidecar):
+    deadline = time.monotonic() + 10
+    while True:
+        status, body = sidecar.get("/readyz")
+        issuers = json.loads(body)["issuers"]
+        if issuers[0]["keys"] == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+
+    assert status == 200
+    assert json.loads(body)["status"] == "ready"
+    assert issuers[0]["issuer"] == "local"
+    assert issuers[0]["keys"] == 2
+    assert issuers[0]["last_error"] is None
+
+
+def test_metrics_exported(sidecar: Sidecar, issuer_server: IssuerServer, rsa_key: SigningKey):
+    with grpc.insecure_channel(sidecar.grpc_target) as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        request = CheckRequest()
+        token = rsa_key.sign(claims_for(issuer_server.url))
+        request.attributes.request.http.headers["authorization"] = f"Bearer {token}"
+        assert stub.Check(request, timeout=5).status.code == 0
+
+    status, text = sidecar.get("/metrics")
+
+    assert status == 200
+    for name in (
+        "ext_authz_decisions_total",
+        "ext_authz_check_duration_seconds_bucket",
+        "ext_authz_jwks_fetches_total",
+        "ext_authz_jwks_keys",
+        "ext_authz_jwks_age_seconds",
+    ):
+        assert name in text, name
+    assert token.split(".")[2] not in text
+
+
+def test_unknown_path_is_404(sidecar: Sidecar):
+    assert sidecar.get("/nope")[0] == 404
+
+
+def test_sigterm_exits_zero(sidecar: Sidecar):
+    sidecar.process.send_signal(signal.SIGTERM)
+
+    returncode = sidecar.process.wait(timeout=20)
+    log = sidecar.process.stderr.read() if sidecar.process.stderr else ""
+
+    assert returncode == 0
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    messages = [line["message"] for line in lines]
+    assert any(message.startswith("serving Check on 127.0.0.1:") for message in messages)
+    assert any("loaded 2 signing keys" in message for message in messages)
+    assert any(message.startswith("received SIGTERM") for message in messages)
+    assert messages[-1] == "stopped"
+
+
+def test_serve_with_invalid_config_exits_2(tmp_path: Path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("issuers: []\npolicies: []\n")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "ext_authz.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 2
+    assert "issuers: needs at least 1 entry" in result.stderr
