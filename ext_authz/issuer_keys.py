@@ -137,6 +137,9 @@ class IssuerKeys:
         tokens with made-up `kid` values costs the issuer at most one request
         per interval.
         """
+        # NOTE: the caller that performs the fetch waits up to the full
+        # fetch_timeout_seconds, which can exceed Envoy's Check timeout; Envoy
+        # then answers with its status_on_error.
         attempts_before = self._attempts
         if not self._fetch_lock.acquire(timeout=self.config.fetch_timeout_seconds):
             return
