@@ -18,8 +18,8 @@ import yaml
 
 CONFIG_ENV = "EXT_AUTHZ_CONFIG"
 
-# Asymmetric algorithms only: a shared-secret HMAC algorithm or "none" would let
-# anyone holding the issuer's public key, or nobody at all, mint tokens.
+# Asymmetric algorithms only. With an HMAC algorithm, anyone who has the
+# issuer's public key could mint tokens, and "none" needs no key at all.
 SUPPORTED_ALGORITHMS = (
     "RS256",
     "RS384",

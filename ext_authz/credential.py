@@ -9,7 +9,7 @@ AUTHORIZATION = "authorization"
 
 
 class CredentialError(Exception):
-    """The request has no usable bearer token; `reason` says why."""
+    """The request has no usable bearer token, for the cause in `reason`."""
 
     def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(detail)

@@ -34,7 +34,7 @@ class FetchError(Exception):
 
 @dataclass(frozen=True)
 class KeyState:
-    """What /readyz and the start-up log report about one issuer's keys."""
+    """Key state of one issuer, as reported by /readyz and the start-up log."""
 
     issuer: str
     keys: int
@@ -75,8 +75,8 @@ class IssuerKeys:
         self._last_success: float | None = None
         self._last_error: str | None = None
 
-        # One fetch at a time; `_attempts` tells a waiting caller that the
-        # fetch it waited for has finished.
+        # One fetch at a time. A waiting caller compares `_attempts` to learn
+        # whether the fetch it waited for has finished.
         self._fetch_lock = threading.Lock()
         self._attempts = 0
         self._last_attempt = float("-inf")
@@ -138,8 +138,8 @@ class IssuerKeys:
         per interval.
         """
         # NOTE: the caller that performs the fetch waits up to the full
-        # fetch_timeout_seconds, which can exceed Envoy's Check timeout; Envoy
-        # then answers with its status_on_error.
+        # fetch_timeout_seconds, which can exceed Envoy's Check timeout. Envoy
+        # then returns its status_on_error to the client.
         attempts_before = self._attempts
         if not self._fetch_lock.acquire(timeout=self.config.fetch_timeout_seconds):
             return

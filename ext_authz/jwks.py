@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 log = logging.getLogger(__name__)
 
-# Which JWS algorithms each key type can verify (RFC 7518 §3, RFC 8037 §3.1).
+# JWS algorithms that each key type can verify (RFC 7518 §3, RFC 8037 §3.1).
 _EC_CURVE_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 

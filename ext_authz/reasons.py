@@ -1,9 +1,9 @@
 """Deny reasons: one stable label per outcome of a Check call.
 
-The label is what metrics, logs and docs use. The error code goes into the
-`WWW-Authenticate` challenge (RFC 6750 §3.1) and the JSON body; codes outside
-RFC 6750 come from RFC 6749 §4.1.2.1 (`access_denied`, `server_error`,
-`temporarily_unavailable`). Descriptions reach the caller, so they are fixed
+Metrics, logs and docs use the label. The error code goes into the
+`WWW-Authenticate` challenge (RFC 6750 §3.1) and the JSON body. Codes that
+RFC 6750 does not define come from RFC 6749 §4.1.2.1 (`access_denied`,
+`server_error`, `temporarily_unavailable`). Descriptions reach the caller, so they are fixed
 sentences that never echo the token or the configuration.
 """
 
@@ -13,7 +13,7 @@ import enum
 
 
 class StatusKind(enum.Enum):
-    """How a reason's HTTP status is chosen."""
+    """Rule that picks the HTTP status of a deny reason."""
 
     AUTHENTICATION = "authentication"  # deny.authentication_status (403 by default)
     FORBIDDEN = "forbidden"  # always 403

@@ -81,7 +81,7 @@ class SidecarServer:
         self._log_key_states()
 
     def stop(self) -> None:
-        """Stop answering health checks, finish in-flight calls, then close everything."""
+        """Report NOT_SERVING, finish in-flight calls, then close everything."""
         grace = self.config.server.shutdown_grace_seconds
         log.info("shutting down: finishing in-flight Check calls (grace %.0f s)", grace)
         self._set_serving(False)

@@ -28,7 +28,7 @@ UNKNOWN_POLICY = "_unknown"
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
-    """Answers Envoy's Check calls; every input gets a CheckResponse, never a gRPC error."""
+    """Envoy's Authorization service. Every input gets a CheckResponse, never a gRPC error."""
 
     def __init__(
         self, config: Config, issuer_keys: Mapping[str, IssuerKeys], metrics: Metrics

@@ -19,7 +19,7 @@ _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class MalformedTokenError(ValueError):
-    """The token is not a well-formed compact JWS; the message never holds token text."""
+    """The token is not a well-formed compact JWS. The message contains no token text."""
 
 
 @dataclass(frozen=True)

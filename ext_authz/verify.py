@@ -32,7 +32,7 @@ class VerifiedToken:
 
 
 class VerificationError(Exception):
-    """The token failed a check; `reason` says which one."""
+    """The token failed a check, named by `reason`."""
 
     def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(detail)

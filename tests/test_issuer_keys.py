@@ -107,7 +107,7 @@ def test_unknown_kid_refetch_rate_limited(issuer_server: IssuerServer):
     keys.refresh()
     rotated = SigningKey.ec("rotated")
 
-    # The first refresh counts as the last attempt, so the limit holds now.
+    # The first refresh counts as the last attempt, so the rate limit applies now.
     issuer_server.keys.append(rotated)
     keys.refetch_for_unknown_kid()
     assert issuer_server.jwks_fetches() == 1
