@@ -89,7 +89,7 @@ def _add_config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(arguments: argparse.Namespace) -> int:
-    from .server import SidecarServer
+    from .server import SidecarServer, StartupError
 
     try:
         config = load_config(resolve_config_path(arguments.config))
@@ -97,7 +97,11 @@ def _serve(arguments: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.logging.level, config.logging.format)
-    SidecarServer(config).serve_until_signal()
+    try:
+        SidecarServer(config).serve_until_signal()
+    except StartupError as error:
+        log.error("%s", error)
+        return 1
     return 0
 
 
@@ -109,10 +113,15 @@ def _check_config(arguments: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(
-        f"{path}: valid ({len(config.issuers)} issuers, {len(config.policies)} policies, "
-        f"default policy {config.default_policy!r})"
+        f"{path}: valid ({_count(len(config.issuers), 'issuer')}, "
+        f"{_count(len(config.policies), 'policy', 'policies')}, "
+        f"default policy {config.default_policy!r}); issuers were not contacted"
     )
     return 0
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 def _dev_issuer(arguments: argparse.Namespace) -> int:

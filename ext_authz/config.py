@@ -47,6 +47,7 @@ class ServerConfig:
     http_address: str = "0.0.0.0:9002"
     grpc_threads: int = 16
     shutdown_grace_seconds: float = 15.0
+    require_keys_for_ready: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,17 @@ class IssuerConfig:
     issuer: str
     audiences: tuple[str, ...]
     metadata_path: str = OIDC_METADATA_PATH
+    metadata_url: str | None = None
     jwks_uri: str | None = None
     algorithms: tuple[str, ...] = SUPPORTED_ALGORITHMS
     leeway_seconds: int = 30
     allow_insecure_http: bool = False
     jwks_refresh_seconds: int = 300
     jwks_min_refetch_seconds: int = 30
-    fetch_timeout_seconds: float = 5.0
+    jwks_max_stale_seconds: int = 86400
+    refetch_wait_seconds: float = 0.3
+    fetch_timeout_seconds: float = 3.0
+    fetch_max_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -109,14 +114,37 @@ def resolve_config_path(path: str | None) -> Path:
 def load_config(path: Path) -> Config:
     """Read and validate the YAML file at `path`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as stream:
+            document = yaml.load(stream, Loader=_StrictLoader)
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the configuration file: {error.strerror}") from None
-    try:
-        document = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the file is not UTF-8 text") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     return parse_config(document, source=str(path))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a mapping with the same key twice.
+
+    PyYAML keeps the last of duplicate keys, so a repeated `audiences:` would
+    silently replace the first list.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r}; remove one of them",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_config(document: Any, source: str = "<memory>") -> Config:
@@ -155,11 +183,19 @@ class _Parser:
                 f"Use one of the names under policies: {', '.join(policy_names)}.",
             )
 
+        server = self.server(root.get("server", {}))
+        if _same_listener(server.grpc_address, server.http_address):
+            raise self.fail(
+                "server.http_address",
+                f"uses the same port as server.grpc_address ({server.grpc_address})",
+                "Give the gRPC and HTTP servers different ports.",
+            )
+
         return Config(
             issuers=issuers,
             policies=policies,
             default_policy=default_policy,
-            server=self.server(root.get("server", {})),
+            server=server,
             logging=self.logging(root.get("logging", {})),
             deny=self.deny(root.get("deny", {})),
             source=self.source,
@@ -169,7 +205,13 @@ class _Parser:
         section = self.mapping(
             value,
             "server",
-            {"grpc_address", "http_address", "grpc_threads", "shutdown_grace_seconds"},
+            {
+                "grpc_address",
+                "http_address",
+                "grpc_threads",
+                "shutdown_grace_seconds",
+                "require_keys_for_ready",
+            },
         )
         defaults = ServerConfig()
         return ServerConfig(
@@ -188,6 +230,9 @@ class _Parser:
                 0,
                 600,
             ),
+            require_keys_for_ready=self.boolean(
+                section.get("require_keys_for_ready", False), "server.require_keys_for_ready"
+            ),
         )
 
     def logging(self, value: Any) -> LoggingConfig:
@@ -205,7 +250,7 @@ class _Parser:
         if status not in (401, 403) or isinstance(status, bool):
             raise self.fail(
                 "deny.authentication_status",
-                f"must be 401 or 403, got {status!r}",
+                f"must be 401 or 403, got {_yaml_text(status)}",
                 "Use 403 (the default) or 401 for RFC 6750 behaviour.",
             )
         return DenyConfig(authentication_status=status)
@@ -225,6 +270,7 @@ class _Parser:
                 "name",
                 "issuer",
                 "metadata_path",
+                "metadata_url",
                 "jwks_uri",
                 "audiences",
                 "algorithms",
@@ -232,7 +278,10 @@ class _Parser:
                 "allow_insecure_http",
                 "jwks_refresh_seconds",
                 "jwks_min_refetch_seconds",
+                "jwks_max_stale_seconds",
+                "refetch_wait_seconds",
                 "fetch_timeout_seconds",
+                "fetch_max_bytes",
             },
             required={"name", "issuer", "audiences"},
         )
@@ -252,6 +301,9 @@ class _Parser:
                 f"must start with '/', got {metadata_path!r}",
                 f"Use {OIDC_METADATA_PATH!r} or {OAUTH_METADATA_PATH!r}.",
             )
+        metadata_url = section.get("metadata_url")
+        if metadata_url is not None:
+            metadata_url = self.url(metadata_url, f"{path}.metadata_url", allow_http)
         jwks_uri = section.get("jwks_uri")
         if jwks_uri is not None:
             jwks_uri = self.url(jwks_uri, f"{path}.jwks_uri", allow_http)
@@ -272,6 +324,7 @@ class _Parser:
             name=name,
             issuer=issuer,
             metadata_path=metadata_path,
+            metadata_url=metadata_url,
             jwks_uri=jwks_uri,
             audiences=audiences,
             algorithms=algorithms,
@@ -294,11 +347,29 @@ class _Parser:
                 0,
                 3600,
             ),
+            jwks_max_stale_seconds=self.integer(
+                section.get("jwks_max_stale_seconds", defaults.jwks_max_stale_seconds),
+                f"{path}.jwks_max_stale_seconds",
+                60,
+                30 * 86400,
+            ),
+            refetch_wait_seconds=self.number(
+                section.get("refetch_wait_seconds", defaults.refetch_wait_seconds),
+                f"{path}.refetch_wait_seconds",
+                0,
+                10,
+            ),
             fetch_timeout_seconds=self.number(
                 section.get("fetch_timeout_seconds", defaults.fetch_timeout_seconds),
                 f"{path}.fetch_timeout_seconds",
                 0.1,
                 60,
+            ),
+            fetch_max_bytes=self.integer(
+                section.get("fetch_max_bytes", defaults.fetch_max_bytes),
+                f"{path}.fetch_max_bytes",
+                1024,
+                16 * 1024 * 1024,
             ),
         )
 
@@ -383,18 +454,24 @@ class _Parser:
 
     def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str:
         if value not in choices:
-            raise self.fail(path, f"invalid value {value!r}", f"Use one of: {', '.join(choices)}.")
+            raise self.fail(
+                path, f"invalid value {_yaml_text(value)}", f"Use one of: {', '.join(choices)}."
+            )
         return str(value)
 
     def boolean(self, value: Any, path: str) -> bool:
         if not isinstance(value, bool):
-            raise self.fail(path, f"expected true or false, got {value!r}", "Write true or false.")
+            raise self.fail(
+                path, f"expected true or false, got {_yaml_text(value)}", "Write true or false."
+            )
         return value
 
     def integer(self, value: Any, path: str, low: int, high: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise self.fail(
-                path, f"expected an integer from {low} to {high}, got {value!r}", "Fix the value."
+                path,
+                f"expected an integer from {low} to {high}, got {_yaml_text(value)}",
+                "Fix the value.",
             )
         return value
 
@@ -405,7 +482,9 @@ class _Parser:
             or not low <= value <= high
         ):
             raise self.fail(
-                path, f"expected a number from {low} to {high}, got {value!r}", "Fix the value."
+                path,
+                f"expected a number from {low} to {high}, got {_yaml_text(value)}",
+                "Fix the value.",
             )
         return float(value)
 
@@ -453,4 +532,22 @@ def _type_name(value: Any) -> str:
     if value is None:
         return "nothing"
     names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
-    return names.get(type(value), type(value).__name__)
+    return names.get(type(value), "a number" if isinstance(value, int | float) else "a value")
+
+
+def _same_listener(first: str, second: str) -> bool:
+    """Return whether two HOST:PORT addresses would bind the same port."""
+    first_host, _, first_port = first.rpartition(":")
+    second_host, _, second_port = second.rpartition(":")
+    wildcard = {"0.0.0.0", "::", "[::]", "*"}
+    hosts_overlap = first_host == second_host or bool({first_host, second_host} & wildcard)
+    return first_port == second_port and hosts_overlap
+
+
+def _yaml_text(value: Any) -> str:
+    """Return a scalar as it is written in YAML, for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return repr(value)

@@ -25,10 +25,10 @@ class OperationsServer:
         self,
         address: tuple[str, int],
         metrics: Metrics,
-        is_serving: Callable[[], bool],
+        is_ready: Callable[[], bool],
         key_states: Callable[[], list[KeyState]],
     ) -> None:
-        handler = _make_handler(metrics, is_serving, key_states)
+        handler = _make_handler(metrics, is_ready, key_states)
         self._server = ThreadingHTTPServer(address, handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -49,12 +49,15 @@ class OperationsServer:
 
 def _make_handler(
     metrics: Metrics,
-    is_serving: Callable[[], bool],
+    is_ready: Callable[[], bool],
     key_states: Callable[[], list[KeyState]],
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "ext-authz"
         sys_version = ""
+
+        def version_string(self) -> str:
+            return self.server_version
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
@@ -70,16 +73,16 @@ def _make_handler(
                 )
 
         def _readyz(self) -> None:
-            # Ready means the gRPC server is serving. Key state is reported
-            # but does not gate readiness: while an issuer is down, its tokens
-            # are denied with keys_unavailable, and tokens of other issuers
-            # keep working.
-            serving = is_serving()
+            # Ready means the gRPC server is serving. By default key state is
+            # only reported: one broken issuer must not take every API of the
+            # pod out of service. server.require_keys_for_ready makes
+            # readiness wait for each issuer's first successful load.
+            ready = is_ready()
             body = {
-                "status": "ready" if serving else "not serving",
+                "status": "ready" if ready else "not ready",
                 "issuers": [asdict(state) for state in key_states()],
             }
-            self._send_json(200 if serving else 503, body)
+            self._send_json(200 if ready else 503, body)
 
         def _send_json(self, status: int, body: dict[str, Any]) -> None:
             self._send(status, "application/json", json.dumps(body).encode())

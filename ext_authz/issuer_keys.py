@@ -1,35 +1,30 @@
-"""Issuer signing keys: discovery, JWKS fetches, the cached key set and its refresh.
+"""Issuer signing keys: the cached key set, its background refresh and refetches.
 
-Network I/O for keys lives here, behind the cache. A Check call reads the
-cached KeySet and only waits on the network for one single-flight refetch when
-a token names a `kid` the cache does not have, bounded by the fetch timeout.
+A Check call reads the cached KeySet. It waits on the network only when a
+token names a `kid` the cache lacks: then one refetch runs for all callers,
+and each caller waits at most `refetch_wait_seconds` for it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import requests
-
-from .config import OAUTH_METADATA_PATH, IssuerConfig
+from .config import IssuerConfig
+from .issuer_fetch import Fetcher, FetchError, FetchResult
 from .jwks import KeySet, parse_jwks
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-MAX_DOCUMENT_BYTES = 1024 * 1024
 RETRY_INITIAL_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
-
-
-class FetchError(Exception):
-    """A metadata or JWKS fetch failed; the message names the URL and the cause."""
+# A Cache-Control max-age below this is raised to it, so a misconfigured
+# issuer cannot make every replica poll it continuously.
+MIN_CACHE_MAX_AGE_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -38,54 +33,48 @@ class KeyState:
 
     issuer: str
     keys: int
+    kids: list[str]
     jwks_uri: str | None
-    last_success_age_seconds: float | None
+    loaded: bool
+    stale: bool
+    age_seconds: float | None
     last_error: str | None
-
-
-def metadata_urls(issuer: str, metadata_path: str) -> list[str]:
-    """Return the metadata URLs to try, in order.
-
-    OpenID Connect Discovery §4 appends the well-known path to the issuer
-    after removing a trailing '/'. RFC 8414 §3 inserts it between the host
-    and the issuer's path; some servers only serve the appended form, so it
-    is the fallback.
-    """
-    appended = issuer.rstrip("/") + metadata_path
-    if metadata_path != OAUTH_METADATA_PATH:
-        return [appended]
-    parts = urlsplit(issuer)
-    issuer_path = parts.path.rstrip("/")
-    inserted = urlunsplit((parts.scheme, parts.netloc, metadata_path + issuer_path, "", ""))
-    return [inserted] if inserted == appended else [inserted, appended]
 
 
 class IssuerKeys:
     """The cached key set of one issuer, kept fresh by a background thread."""
 
-    def __init__(self, config: IssuerConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: IssuerConfig,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self._metrics = metrics
-        self._session = requests.Session()
-        self._session.max_redirects = 3
-        self._session.headers["Accept"] = "application/json"
+        self._clock = clock
+        self._fetcher = Fetcher(config)
 
-        self._keys: KeySet | None = None
+        self._key_set: KeySet | None = None
         self._jwks_uri = config.jwks_uri
         self._last_success: float | None = None
         self._last_error: str | None = None
+        self._next_refresh_seconds = float(config.jwks_refresh_seconds)
 
-        # One fetch at a time. A waiting caller compares `_attempts` to learn
-        # whether the fetch it waited for has finished.
+        # `_fetch_lock` serializes fetches. `_state_lock` guards the in-flight
+        # refetch and the rate-limit bookkeeping and is never held during I/O.
         self._fetch_lock = threading.Lock()
-        self._attempts = 0
+        self._state_lock = threading.Lock()
+        self._refetch_done: threading.Event | None = None
         self._last_attempt = float("-inf")
+        self._last_rate_limit_log = float("-inf")
+        self._stale_logged = False
 
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
         metrics.jwks_keys.labels(config.name).set(0)
-        metrics.jwks_age.labels(config.name).set_function(self._age_seconds)
+        metrics.jwks_age.labels(config.name).set_function(self._age_for_metric)
 
     # Lifecycle
 
@@ -104,17 +93,17 @@ class IssuerKeys:
     def wait_loaded(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the first key set; return whether it is there."""
         deadline = time.monotonic() + timeout
-        while self._keys is None and time.monotonic() < deadline:
+        while self._key_set is None and time.monotonic() < deadline:
             if self._stop.wait(0.05):
                 break
-        return self._keys is not None
+        return self._key_set is not None
 
     def _run(self) -> None:
         delay = RETRY_INITIAL_SECONDS
         while not self._stop.is_set():
             if self.refresh():
                 delay = RETRY_INITIAL_SECONDS
-                wait = float(self.config.jwks_refresh_seconds)
+                wait = self._next_refresh_seconds
             else:
                 # Exponential backoff while the issuer is down, so the retries
                 # neither hammer it nor wait long once it is back.
@@ -126,135 +115,178 @@ class IssuerKeys:
 
     @property
     def keys(self) -> KeySet | None:
-        """The current key set, or None while no fetch has succeeded yet."""
-        return self._keys
+        """The usable key set, or None before the first load and after max-stale."""
+        if self._key_set is None or self._is_stale():
+            return None
+        return self._key_set
+
+    @property
+    def loaded(self) -> bool:
+        return self._key_set is not None
 
     def refetch_for_unknown_kid(self) -> None:
         """Fetch the key set again because a token names a key the cache lacks.
 
-        Concurrent callers wait for the same fetch, up to the fetch timeout.
-        Refetches are rate-limited by `jwks_min_refetch_seconds`, so a flood of
-        tokens with made-up `kid` values costs the issuer at most one request
-        per interval.
+        Concurrent callers share one fetch, and each waits for it at most
+        `refetch_wait_seconds`; a fetch that takes longer still completes in
+        the background. While `jwks_min_refetch_seconds` has not passed since
+        the last fetch, nothing is fetched, so a flood of tokens with made-up
+        `kid` values costs the issuer at most one request per interval.
         """
-        # NOTE: the caller that performs the fetch waits up to the full
-        # fetch_timeout_seconds, which can exceed Envoy's Check timeout. Envoy
-        # then returns its status_on_error to the client.
-        attempts_before = self._attempts
-        if not self._fetch_lock.acquire(timeout=self.config.fetch_timeout_seconds):
-            return
+        name = self.config.name
+        with self._state_lock:
+            done = self._refetch_done
+            if done is None:
+                now = self._clock()
+                if now - self._last_attempt < self.config.jwks_min_refetch_seconds:
+                    self._metrics.jwks_fetches.labels(name, FetchResult.RATE_LIMITED.value).inc()
+                    self._log_rate_limited(now)
+                    return
+                # Claim the attempt now, so callers arriving before the
+                # fetch thread starts are rate-limited or join this fetch.
+                self._last_attempt = now
+                done = self._refetch_done = threading.Event()
+                self._metrics.unknown_kid_refetches.labels(name).inc()
+                threading.Thread(
+                    target=self._refetch, args=(done,), name=f"refetch-{name}", daemon=True
+                ).start()
+        done.wait(self.config.refetch_wait_seconds)
+
+    def _refetch(self, done: threading.Event) -> None:
         try:
-            if self._attempts != attempts_before:
-                return  # Another caller fetched while this one waited.
-            if time.monotonic() - self._last_attempt < self.config.jwks_min_refetch_seconds:
-                return
-            self._refresh_locked()
+            self.refresh()
         finally:
-            self._fetch_lock.release()
+            with self._state_lock:
+                self._refetch_done = None
+            done.set()
 
     def state(self) -> KeyState:
+        key_set = self._key_set
         return KeyState(
             issuer=self.config.name,
-            keys=len(self._keys) if self._keys is not None else 0,
+            keys=len(key_set) if key_set is not None else 0,
+            kids=sorted({key.kid or "" for key in key_set.keys}) if key_set is not None else [],
             jwks_uri=self._jwks_uri,
-            last_success_age_seconds=self._age_seconds() if self._last_success else None,
+            loaded=key_set is not None,
+            stale=self._is_stale(),
+            age_seconds=self._age(),
             last_error=self._last_error,
         )
 
     # Fetching
 
     def refresh(self) -> bool:
-        """Fetch metadata if needed and the JWKS; return whether it succeeded."""
+        """Fetch the metadata if needed, then the JWKS; return whether it succeeded."""
         with self._fetch_lock:
-            return self._refresh_locked()
-
-    def _refresh_locked(self) -> bool:
-        self._attempts += 1
-        self._last_attempt = time.monotonic()
-        name = self.config.name
-        try:
-            jwks_uri = self._jwks_uri or self._discover()
-            self._jwks_uri = jwks_uri
-            keys = parse_jwks(self._get_json(jwks_uri), name, self.config.algorithms)
-        except FetchError as error:
-            self._last_error = str(error)
-            self._metrics.jwks_fetches.labels(name, "error").inc()
-            kept = f"; keeping {len(self._keys)} cached keys" if self._keys is not None else ""
-            log.warning("key fetch for issuer %s failed: %s%s", name, error, kept)
-            return False
-
-        first_load = self._keys is None
-        self._keys = keys
-        self._last_success = time.monotonic()
-        self._last_error = None
-        self._metrics.jwks_fetches.labels(name, "success").inc()
-        self._metrics.jwks_keys.labels(name).set(len(keys))
-        if first_load:
-            log.info("issuer %s: loaded %d signing keys from %s", name, len(keys), jwks_uri)
-        else:
-            log.debug("issuer %s: refreshed %d signing keys", name, len(keys))
-        if not len(keys):
-            log.warning("issuer %s: the JWKS at %s has no usable signing key", name, jwks_uri)
-        return True
-
-    def _discover(self) -> str:
-        config = self.config
-        urls = metadata_urls(config.issuer, config.metadata_path)
-        document: Any = None
-        for index, url in enumerate(urls):
+            with self._state_lock:
+                self._last_attempt = max(self._last_attempt, self._clock())
             try:
-                document = self._get_json(url)
-                break
-            except _NotFoundError:
-                if index == len(urls) - 1:
-                    raise FetchError(f"metadata document not found (404) at {url}") from None
+                self._fetch()
+            except FetchError as error:
+                self._record_failure(error)
+                return False
+            return True
 
-        if not isinstance(document, dict):
-            raise FetchError("the metadata document is not a JSON object")
-        if document.get("issuer") != config.issuer:
-            raise FetchError(
-                f"the metadata document's issuer {document.get('issuer')!r} differs from the "
-                f"configured issuer {config.issuer!r}; configure the exact string the server "
-                "publishes, trailing slash included"
-            )
-        jwks_uri = document.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme not in ("https", "http"):
-            raise FetchError("the metadata document has no valid jwks_uri")
-        if urlsplit(jwks_uri).scheme == "http" and not config.allow_insecure_http:
-            raise FetchError(
-                f"the metadata's jwks_uri {jwks_uri!r} is plain http; "
-                "set allow_insecure_http: true for local development only"
-            )
-        return jwks_uri
-
-    def _get_json(self, url: str) -> Any:
+    def _fetch(self) -> None:
+        config = self.config
+        jwks_uri = self._jwks_uri or self._fetcher.discover_jwks_uri()
+        self._jwks_uri = jwks_uri
+        document = self._fetcher.get_json(jwks_uri)
         try:
-            with self._session.get(
-                url, timeout=self.config.fetch_timeout_seconds, stream=True
-            ) as response:
-                if response.status_code == 404:
-                    raise _NotFoundError(url)
-                if response.status_code != 200:
-                    raise FetchError(f"GET {url} returned HTTP {response.status_code}")
-                body = response.raw.read(MAX_DOCUMENT_BYTES + 1, decode_content=True)
-                if len(body) > MAX_DOCUMENT_BYTES:
-                    raise FetchError(f"GET {url} returned more than {MAX_DOCUMENT_BYTES} bytes")
-                return _json_loads(body, url)
-        except requests.RequestException as error:
-            raise FetchError(f"GET {url} failed: {type(error).__name__}") from None
+            key_set = parse_jwks(document.body, config.name, config.algorithms)
+        except ValueError as error:
+            raise FetchError(FetchResult.INVALID, f"GET {jwks_uri}: {error}") from None
 
-    def _age_seconds(self) -> float:
+        previous = self._key_set
+        self._key_set = key_set
+        self._last_success = self._clock()
+        self._last_error = None
+        self._stale_logged = False
+        self._next_refresh_seconds = _refresh_interval(config, document.max_age_seconds)
+        self._metrics.jwks_fetches.labels(config.name, FetchResult.OK.value).inc()
+        self._metrics.jwks_keys.labels(config.name).set(len(key_set))
+        self._log_key_change(previous, key_set, jwks_uri)
+
+    def _record_failure(self, error: FetchError) -> None:
+        name = self.config.name
+        self._last_error = str(error)
+        self._metrics.jwks_fetches.labels(name, error.result.value).inc()
+        if self._key_set is None:
+            log.warning("issuer %s: key fetch failed: %s; no keys loaded yet", name, error)
+        else:
+            log.warning(
+                "issuer %s: key fetch failed: %s; keeping the %d keys fetched %.0f s ago "
+                "(usable up to jwks_max_stale_seconds=%d)",
+                name,
+                error,
+                len(self._key_set),
+                self._age() or 0.0,
+                self.config.jwks_max_stale_seconds,
+            )
+        if self._is_stale() and not self._stale_logged:
+            self._stale_logged = True
+            log.error(
+                "issuer %s: cached keys are older than jwks_max_stale_seconds=%d; its tokens "
+                "are denied with keys_unavailable until a fetch succeeds",
+                name,
+                self.config.jwks_max_stale_seconds,
+            )
+
+    def _log_key_change(self, previous: KeySet | None, current: KeySet, jwks_uri: str) -> None:
+        name = self.config.name
+        kids = sorted({key.kid or "(no kid)" for key in current.keys})
+        if previous is None:
+            log.info(
+                "issuer %s: loaded %d signing %s from %s (kids: %s)",
+                name,
+                len(current),
+                "key" if len(current) == 1 else "keys",
+                jwks_uri,
+                ", ".join(kids) or "none",
+            )
+        else:
+            before = {key.kid or "(no kid)" for key in previous.keys}
+            added, removed = sorted(set(kids) - before), sorted(before - set(kids))
+            if added or removed:
+                log.info(
+                    "issuer %s: key set changed: added %s, removed %s",
+                    name,
+                    added or "none",
+                    removed or "none",
+                )
+        if not len(current):
+            log.warning("issuer %s: the JWKS at %s has no usable signing key", name, jwks_uri)
+
+    def _log_rate_limited(self, now: float) -> None:
+        # At most one line per rate-limit interval, so a flood of tokens with
+        # unknown kids cannot flood the log.
+        interval = max(self.config.jwks_min_refetch_seconds, 1)
+        if now - self._last_rate_limit_log >= interval:
+            self._last_rate_limit_log = now
+            log.info(
+                "issuer %s: tokens name unknown kids; no refetch until %d s after the last "
+                "fetch (jwks_min_refetch_seconds), they are denied with key_not_found",
+                self.config.name,
+                self.config.jwks_min_refetch_seconds,
+            )
+
+    def _age(self) -> float | None:
         if self._last_success is None:
-            return -1.0
-        return time.monotonic() - self._last_success
+            return None
+        return self._clock() - self._last_success
+
+    def _age_for_metric(self) -> float:
+        age = self._age()
+        return -1.0 if age is None else age
+
+    def _is_stale(self) -> bool:
+        age = self._age()
+        return age is not None and age > self.config.jwks_max_stale_seconds
 
 
-class _NotFoundError(FetchError):
-    pass
-
-
-def _json_loads(body: bytes, url: str) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise FetchError(f"GET {url} did not return JSON") from None
+def _refresh_interval(config: IssuerConfig, max_age: int | None) -> float:
+    """Return seconds until the next refresh: the configured interval, or a shorter max-age."""
+    if max_age is None:
+        return float(config.jwks_refresh_seconds)
+    bounded = max(max_age, MIN_CACHE_MAX_AGE_SECONDS)
+    return float(min(bounded, config.jwks_refresh_seconds))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from types import FrameType
 
@@ -24,6 +25,10 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 # Start-up waits this long for the first key sets, only so the start-up log
 # can report them; serving starts either way.
 INITIAL_KEY_WAIT_SECONDS = 5.0
+
+
+class StartupError(Exception):
+    """The service cannot start, for example because a port is taken."""
 
 
 class SidecarServer:
@@ -58,20 +63,37 @@ class SidecarServer:
             AuthorizationService(config, self.issuer_keys, self.metrics), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        self.grpc_port = self._grpc.add_insecure_port(config.server.grpc_address)
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(config.server.grpc_address)
+        except RuntimeError:
+            self._stop_key_threads()
+            raise StartupError(
+                f"cannot listen on {config.server.grpc_address} (server.grpc_address): "
+                "the address is in use or not local; choose another address"
+            ) from None
         self._grpc.start()
 
         host, port = _split_address(config.server.http_address)
-        self._http = OperationsServer(
-            (host, port),
-            self.metrics,
-            is_serving=lambda: self._serving,
-            key_states=lambda: [keys.state() for keys in self.issuer_keys.values()],
-        )
+        try:
+            self._http = OperationsServer(
+                (host, port),
+                self.metrics,
+                is_ready=self.is_ready,
+                key_states=lambda: [keys.state() for keys in self.issuer_keys.values()],
+            )
+        except OSError as error:
+            self._grpc.stop(None)
+            self._stop_key_threads()
+            raise StartupError(
+                f"cannot listen on {config.server.http_address} (server.http_address): "
+                f"{error.strerror or error}; choose another address"
+            ) from None
         self._http.start()
         self.http_port = self._http.port
 
         self._set_serving(True)
+        if config.server.require_keys_for_ready:
+            threading.Thread(target=self._wait_for_keys, name="readiness", daemon=True).start()
         log.info(
             "serving Check on %s and /metrics, /healthz, /readyz on %s (config %s)",
             _with_port(config.server.grpc_address, self.grpc_port),
@@ -89,9 +111,12 @@ class SidecarServer:
             self._grpc.stop(grace).wait()
         if self._http is not None:
             self._http.stop()
+        self._stop_key_threads()
+        log.info("stopped")
+
+    def _stop_key_threads(self) -> None:
         for keys in self.issuer_keys.values():
             keys.stop()
-        log.info("stopped")
 
     def serve_until_signal(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""
@@ -107,15 +132,35 @@ class SidecarServer:
         stop_requested.wait()
         self.stop()
 
+    def is_ready(self) -> bool:
+        """Return whether the service is serving and, when required, every issuer has keys."""
+        if not self._serving:
+            return False
+        if not self.config.server.require_keys_for_ready:
+            return True
+        return all(keys.loaded for keys in self.issuer_keys.values())
+
     def _set_serving(self, serving: bool) -> None:
         self._serving = serving
+        self._update_health()
+
+    def _update_health(self) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if serving
+            if self.is_ready()
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for service in ("", AUTHORIZATION_SERVICE):
             self._health.set(service, status)
+
+    def _wait_for_keys(self) -> None:
+        # Readiness waits only for the first load of each issuer. Later
+        # outages keep the service ready, because stale keys still verify.
+        while self._serving and not self.is_ready():
+            time.sleep(0.1)
+        if self._serving:
+            self._update_health()
+            log.info("ready: every issuer has loaded its keys (server.require_keys_for_ready)")
 
     def _log_key_states(self) -> None:
         for keys in self.issuer_keys.values():

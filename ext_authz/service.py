@@ -58,7 +58,14 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         policy_name = view.policy_name or self._config.default_policy
         policy = self._config.policy(policy_name)
         if policy is None:
-            return Decision(Reason.POLICY_UNKNOWN, UNKNOWN_POLICY, "no policy with that name")
+            # The name comes from Envoy's route configuration, not from the
+            # client, so the log may show it; the response body does not.
+            return Decision(
+                Reason.POLICY_UNKNOWN,
+                UNKNOWN_POLICY,
+                f"no policy named {policy_name[:100]!r} is configured; fix the route's "
+                "context_extensions or add the policy",
+            )
 
         try:
             token = bearer_token(view)
@@ -100,5 +107,6 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
                 "issuer": decision.issuer_name,
                 "client_id": decision.client_id,
                 "request_id": view.request_id if view else None,
+                "detail": decision.detail,
             },
         )

@@ -76,28 +76,77 @@ def free_port() -> int:
 
 @dataclass
 class IssuerServer:
-    """A local issuer: serves metadata and a JWKS that a test can change, and counts fetches."""
+    """A local issuer that a test controls: metadata, JWKS and failure modes, with a request log.
+
+    `jwks_mode` is one of: ok, status (answers `jwks_status`), html, empty (`{}`),
+    hang (answers after `hang_seconds`), huge (a 5 MiB body), redirect_other_host,
+    redirect_same_host.
+    """
 
     keys: list[SigningKey] = field(default_factory=list)
-    metadata_issuer: str | None = None  # None: publish the server's own URL
+    issuer_path: str = ""  # the issuer identifier is base_url + issuer_path
+    metadata_issuer: str | None = None  # None: publish the issuer identifier
+    metadata_paths: list[str] | None = None  # None: the OIDC discovery path
+    jwks_mode: str = "ok"
     jwks_status: int = 200
+    hang_seconds: float = 5.0
+    cache_control: str | None = None
     requests: list[str] = field(default_factory=list)
     port: int = 0
 
     @property
-    def url(self) -> str:
+    def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def jwks_fetches(self) -> int:
-        return self.requests.count("/jwks.json")
+    @property
+    def url(self) -> str:
+        """The issuer identifier."""
+        return self.base_url + self.issuer_path
 
-    def document(self, path: str) -> tuple[int, Any]:
-        if path == "/.well-known/openid-configuration":
-            issuer = self.metadata_issuer or self.url
-            return 200, {"issuer": issuer, "jwks_uri": f"{self.url}/jwks.json"}
+    def jwks_fetches(self) -> int:
+        return sum(1 for path in self.requests if path.startswith("/jwks"))
+
+    def respond(self, path: str) -> tuple[int, dict[str, str], bytes, float]:
+        """Return status, headers, body and a delay in seconds for a GET of `path`."""
+        metadata_paths = self.metadata_paths or [
+            self.issuer_path.rstrip("/") + "/.well-known/openid-configuration"
+        ]
+        if path in metadata_paths:
+            metadata = {
+                "issuer": self.metadata_issuer or self.url,
+                "jwks_uri": f"{self.base_url}/jwks.json",
+            }
+            return 200, {}, json.dumps(metadata).encode(), 0.0
         if path == "/jwks.json":
-            return self.jwks_status, {"keys": [key.public_jwk() for key in self.keys]}
-        return 404, {"error": "not found"}
+            return self._jwks()
+        if path == "/jwks-moved.json":
+            return 200, {}, json.dumps(self._jwks_document()).encode(), 0.0
+        return 404, {}, b'{"error": "not found"}', 0.0
+
+    def _jwks_document(self) -> dict[str, Any]:
+        return {"keys": [key.public_jwk() for key in self.keys]}
+
+    def _jwks(self) -> tuple[int, dict[str, str], bytes, float]:
+        headers = {"Cache-Control": self.cache_control} if self.cache_control else {}
+        body = json.dumps(self._jwks_document()).encode()
+        mode = self.jwks_mode
+        if mode == "ok":
+            return 200, headers, body, 0.0
+        if mode == "status":
+            return self.jwks_status, {}, b"{}", 0.0
+        if mode == "html":
+            return 200, {"Content-Type": "text/html"}, b"<html><body>Sign in</body></html>", 0.0
+        if mode == "empty":
+            return 200, {}, b"{}", 0.0
+        if mode == "hang":
+            return 200, headers, body, self.hang_seconds
+        if mode == "huge":
+            return 200, {}, b'{"keys": [' + b" " * (5 * 1024 * 1024) + b"]}", 0.0
+        if mode == "redirect_other_host":
+            return 302, {"Location": f"http://localhost:{self.port}/jwks-moved.json"}, b"", 0.0
+        if mode == "redirect_same_host":
+            return 302, {"Location": "/jwks-moved.json"}, b"", 0.0
+        raise ValueError(f"unknown jwks_mode {mode!r}")
 
 
 @contextmanager
@@ -105,13 +154,19 @@ def running_issuer(server: IssuerServer) -> Iterator[IssuerServer]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             server.requests.append(self.path)
-            status, body = server.document(self.path)
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            status, headers, body, delay = server.respond(self.path)
+            if delay:
+                time.sleep(delay)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", headers.pop("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # The client gave up, as a timeout test expects.
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

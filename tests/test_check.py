@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jwt
@@ -44,11 +45,21 @@ def make_config(issuer_url: str, **deny: Any) -> dict[str, Any]:
 
 
 class Harness:
-    def __init__(self, config_document: dict[str, Any]) -> None:
+    """The servicer with its issuer key stores; `load` fetches the "local" issuer's keys once."""
+
+    def __init__(
+        self,
+        config_document: dict[str, Any],
+        load: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         config = parse_config(config_document)
         self.metrics = Metrics()
-        self.keys = {issuer.name: IssuerKeys(issuer, self.metrics) for issuer in config.issuers}
-        self.keys["local"].refresh()
+        self.keys = {
+            issuer.name: IssuerKeys(issuer, self.metrics, clock=clock) for issuer in config.issuers
+        }
+        if load:
+            self.keys["local"].refresh()
         self.service = AuthorizationService(config, self.keys, self.metrics)
 
     def check(
@@ -250,6 +261,15 @@ def test_unknown_policy_denied(harness: Harness, issuer_server: IssuerServer, rs
     assert harness.count("policy_unknown", policy="_unknown") == 1
 
 
+def test_unknown_policy_log_names_it(harness: Harness, caplog: pytest.LogCaptureFixture):
+    caplog.set_level("INFO", logger="ext_authz")
+
+    harness.check("Bearer a.b.c", policy="ordrs-api")
+
+    line = next(record for record in caplog.records if record.getMessage().startswith("denied"))
+    assert "no policy named 'ordrs-api' is configured" in line.__dict__["detail"]
+
+
 def test_named_policy_selected(harness: Harness, issuer_server: IssuerServer, rsa_key: SigningKey):
     token = rsa_key.sign(claims_for(issuer_server.url))
 
@@ -260,6 +280,7 @@ def test_named_policy_selected(harness: Harness, issuer_server: IssuerServer, rs
 
 
 def test_keys_unavailable_is_503(issuer_server: IssuerServer, rsa_key: SigningKey):
+    issuer_server.jwks_mode = "status"
     issuer_server.jwks_status = 500
     harness = Harness(make_config(issuer_server.url))
     token = rsa_key.sign(claims_for(issuer_server.url))

@@ -184,3 +184,38 @@ def test_check_config_command_invalid(tmp_path: Path):
 def test_deploy_config_valid():
     deploy = Path(__file__).resolve().parents[1] / "deploy" / "ext-authz.yaml"
     assert run_check_config(deploy).returncode == 0
+
+
+def test_duplicate_yaml_key_rejected(tmp_path: Path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "issuers:\n"
+        "  - name: a\n"
+        "    issuer: https://a.example\n"
+        "    audiences: [x]\n"
+        "    audiences: [y]\n"
+        "policies: [{name: p, issuers: [a]}]\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    message = str(raised.value)
+    assert "twice.yaml" in message
+    assert "duplicate key 'audiences'" in message
+    assert "line 5" in message
+
+
+def test_same_port_for_both_servers_rejected():
+    document = changed("server.http_address", "127.0.0.1:9001")
+    with pytest.raises(ConfigError, match=r"uses the same port as server\.grpc_address"):
+        parse_config(document)
+
+
+def test_different_hosts_same_port_allowed():
+    document = changed("server.grpc_address", "127.0.0.1:9001")
+    document["server"]["http_address"] = "127.0.0.2:9001"
+    assert parse_config(document).server.http_address == "127.0.0.2:9001"
+
+
+def test_boolean_error_uses_yaml_spelling():
+    with pytest.raises(ConfigError, match="got true"):
+        parse_config(changed("issuers.0.leeway_seconds", True))

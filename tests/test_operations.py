@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -163,3 +164,35 @@ def test_serve_with_invalid_config_exits_2(tmp_path: Path):
 
     assert result.returncode == 2
     assert "issuers: needs at least 1 entry" in result.stderr
+
+
+def test_port_in_use_exits_with_message(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "config.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "server": {
+                        "grpc_address": f"127.0.0.1:{free_port()}",
+                        "http_address": f"127.0.0.1:{port}",
+                    },
+                    "logging": {"format": "text"},
+                    "issuers": [{"name": "a", "issuer": "https://a.example", "audiences": ["x"]}],
+                    "policies": [{"name": "p", "issuers": ["a"]}],
+                }
+            )
+        )
+
+        result = subprocess.run(
+            [sys.executable, "-m", "ext_authz.cli", "serve", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} (server.http_address)" in result.stderr
+    assert "Traceback" not in result.stderr

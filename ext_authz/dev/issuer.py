@@ -133,6 +133,9 @@ def _make_handler(issuer: DevIssuer) -> type[BaseHTTPRequestHandler]:
         server_version = "ext-authz-dev-issuer"
         sys_version = ""
 
+        def version_string(self) -> str:
+            return self.server_version
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path in (

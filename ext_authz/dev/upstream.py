@@ -16,6 +16,9 @@ class EchoHandler(BaseHTTPRequestHandler):
     server_version = "ext-authz-echo"
     sys_version = ""
 
+    def version_string(self) -> str:
+        return self.server_version
+
     def _echo(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length:

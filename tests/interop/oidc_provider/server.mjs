@@ -4,8 +4,14 @@
 // --audience value. It listens on 127.0.0.1 only, prints one line
 // "READY <issuer>" to stdout once it accepts connections, and writes every log
 // line and every oidc-provider warning to stderr.
+//
+// Signing keys are generated at every start, or read from --jwks-file so that
+// tests can keep or rotate keys across restarts.
 
-import { createHash, generateKeyPairSync } from 'node:crypto';
+import {
+  createHash, createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify,
+} from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { parseArgs } from 'node:util';
 
@@ -18,11 +24,29 @@ const HOST = '127.0.0.1';
 const RESOURCE_INDICATOR = 'urn:ext-authz:interop:api';
 const RESOURCE_SCOPE = 'read write';
 
-// Each supported --alg value and the key type generated for it.
+// Each supported --alg value, the key type generated for it, and the JWK
+// members that a --jwks-file key of that alg must have.
 const SIGNING_KEY_TYPES = {
-  RS256: { type: 'rsa', options: { modulusLength: 2048 } },
-  ES256: { type: 'ec', options: { namedCurve: 'P-256' } },
+  RS256: {
+    type: 'rsa',
+    options: { modulusLength: 2048 },
+    kty: 'RSA',
+    publicMembers: ['n', 'e'],
+    privateMembers: ['d', 'p', 'q', 'dp', 'dq', 'qi'],
+  },
+  ES256: {
+    type: 'ec',
+    options: { namedCurve: 'P-256' },
+    kty: 'EC',
+    crv: 'P-256',
+    publicMembers: ['x', 'y'],
+    privateMembers: ['d'],
+  },
 };
+
+// jose, which oidc-provider signs with, rejects RS256 keys below this size
+// when it signs a token.
+const MIN_RSA_MODULUS_BITS = 2048;
 
 const USAGE = `Usage: node server.mjs --port PORT [options]
 
@@ -36,6 +60,12 @@ Options:
   --client-secret VALUE client_secret of that client (default: interop-secret)
   --token-ttl SECONDS   access token lifetime in seconds (default: 300)
   --alg ALG             JWS algorithm of access tokens: RS256 or ES256 (default: RS256)
+  --jwks-file PATH      JSON file {"keys": [...]} of private JWKs to sign with instead
+                        of generated keys. Each key needs "kid", "alg" (RS256 or
+                        ES256) and "use": "sig", and at least one must have the
+                        --alg algorithm. The first key in the file with that alg
+                        signs access tokens. /jwks publishes every key, public
+                        members only.
   --help                print this text and exit
 `;
 
@@ -65,6 +95,7 @@ function parseOptions(argv) {
         'client-secret': { type: 'string', default: 'interop-secret' },
         'token-ttl': { type: 'string', default: '300' },
         alg: { type: 'string', default: 'RS256' },
+        'jwks-file': { type: 'string' },
         help: { type: 'boolean', default: false },
       },
     }));
@@ -108,6 +139,12 @@ function parseOptions(argv) {
     }
   }
 
+  // signingKeys stays undefined when keys are to be generated at start-up.
+  let signingKeys;
+  if (values['jwks-file'] !== undefined) {
+    signingKeys = readSigningKeys(values['jwks-file'], values.alg);
+  }
+
   return {
     help: false,
     port,
@@ -116,7 +153,146 @@ function parseOptions(argv) {
     clientSecret: values['client-secret'],
     tokenTtl,
     alg: values.alg,
+    jwksFile: values['jwks-file'],
+    signingKeys,
   };
+}
+
+// Read and check the --jwks-file key set, and return its keys in file order.
+// The order matters because oidc-provider 9.13.3 signs with the first key of
+// the token's alg. Its KeyStore.selectForSign (lib/helpers/keystore.js) keeps
+// the matching keys and stable-sorts them by a score that is equal for keys
+// that all have "alg" and "use", as every key here must.
+// "key_ops" is dropped because oidc-provider would publish it at /jwks. PyJWT
+// exports private keys with ["sign"], which tells verifiers not to verify
+// with the public key.
+function readSigningKeys(path, tokenAlg) {
+  const fail = (reason) => {
+    throw new UsageError(`invalid --jwks-file ${JSON.stringify(path)}: ${reason}`);
+  };
+
+  let text;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (err) {
+    fail(`cannot read the file: ${err.message}`);
+  }
+
+  let jwks;
+  try {
+    jwks = JSON.parse(text);
+  } catch (err) {
+    fail(`the file is not valid JSON: ${err.message}`);
+  }
+
+  if (!isPlainObject(jwks) || !Array.isArray(jwks.keys)) {
+    fail('expected a JSON object with a "keys" array, as in {"keys": [...]}');
+  }
+  if (jwks.keys.length === 0) {
+    fail('the "keys" array is empty, so there is no key to sign with');
+  }
+
+  const kids = new Set();
+  jwks.keys.forEach((jwk, index) => {
+    const problem = checkSigningJwk(jwk);
+    if (problem) {
+      let label = `keys[${index}]`;
+      if (isPlainObject(jwk) && typeof jwk.kid === 'string') {
+        label += ` (kid ${JSON.stringify(jwk.kid)})`;
+      }
+      fail(`${label}: ${problem}`);
+    }
+    if (kids.has(jwk.kid)) {
+      fail(`keys[${index}]: duplicate kid ${JSON.stringify(jwk.kid)}. Give every key its own kid`);
+    }
+    kids.add(jwk.kid);
+  });
+
+  if (!jwks.keys.some((jwk) => jwk.alg === tokenAlg)) {
+    const algs = [...new Set(jwks.keys.map((jwk) => jwk.alg))].join(', ');
+    fail(`no key has "alg": "${tokenAlg}", which --alg selects for access tokens (the file has ${algs}). Add such a key or change --alg`);
+  }
+
+  return jwks.keys.map(({ key_ops: _keyOps, ...jwk }) => jwk);
+}
+
+function isPlainObject(value) {
+  return value !== null && typeof value === 'object' && !Array.isArray(value);
+}
+
+// Check one --jwks-file key and return a description of the first problem
+// found, or undefined when the key can sign.
+function checkSigningJwk(jwk) {
+  if (!isPlainObject(jwk)) {
+    return 'expected a JWK object';
+  }
+  if (typeof jwk.kid !== 'string' || jwk.kid === '') {
+    return 'missing "kid": each key needs a non-empty string "kid"';
+  }
+  const supportedAlgs = Object.keys(SIGNING_KEY_TYPES).join(' or ');
+  if (jwk.alg === undefined) {
+    return `missing "alg": expected ${supportedAlgs}`;
+  }
+  if (!Object.hasOwn(SIGNING_KEY_TYPES, jwk.alg)) {
+    return `invalid "alg" ${JSON.stringify(jwk.alg)}: expected ${supportedAlgs}`;
+  }
+  if (jwk.use === undefined) {
+    return 'missing "use": expected "sig"';
+  }
+  if (jwk.use !== 'sig') {
+    return `invalid "use" ${JSON.stringify(jwk.use)}: expected "sig"`;
+  }
+
+  const keyType = SIGNING_KEY_TYPES[jwk.alg];
+  if (jwk.kty !== keyType.kty) {
+    return `invalid "kty" ${JSON.stringify(jwk.kty)}: an ${jwk.alg} key must have "kty": "${keyType.kty}"`;
+  }
+  if (keyType.crv !== undefined && jwk.crv !== keyType.crv) {
+    return `invalid "crv" ${JSON.stringify(jwk.crv)}: an ${jwk.alg} key must have "crv": "${keyType.crv}"`;
+  }
+  for (const member of keyType.publicMembers) {
+    if (typeof jwk[member] !== 'string' || jwk[member] === '') {
+      return `missing public key member "${member}"`;
+    }
+  }
+  const missingPrivate = keyType.privateMembers.filter((member) => typeof jwk[member] !== 'string' || jwk[member] === '');
+  if (missingPrivate.length > 0) {
+    return `not a private key: missing ${missingPrivate.map((member) => `"${member}"`).join(', ')}. Export the private key, not only its public part`;
+  }
+  return checkKeyPair(jwk, keyType);
+}
+
+// Load the key with node:crypto and sign and verify a test message, so that a
+// malformed key, or private members that belong to another public key, fail
+// here and not at the first token request.
+function checkKeyPair(jwk, keyType) {
+  const publicJwk = { kty: jwk.kty, crv: jwk.crv };
+  for (const member of keyType.publicMembers) {
+    publicJwk[member] = jwk[member];
+  }
+
+  let privateKey;
+  let publicKey;
+  try {
+    privateKey = createPrivateKey({ key: jwk, format: 'jwk' });
+    publicKey = createPublicKey({ key: publicJwk, format: 'jwk' });
+  } catch (err) {
+    return `invalid key material: ${err.message}`;
+  }
+
+  if (jwk.kty === 'RSA') {
+    const { modulusLength } = privateKey.asymmetricKeyDetails;
+    if (modulusLength < MIN_RSA_MODULUS_BITS) {
+      return `the RSA key has ${modulusLength} bits, but RS256 needs at least ${MIN_RSA_MODULUS_BITS}`;
+    }
+  }
+
+  const message = Buffer.from('jwks-file key pair check');
+  const signature = sign('sha256', message, privateKey);
+  if (!verify('sha256', message, publicKey, signature)) {
+    return 'the private members do not match the public members of this key';
+  }
+  return undefined;
 }
 
 function parseIntegerOption(flag, text) {
@@ -144,7 +320,7 @@ function generateSigningJwk(alg) {
 }
 
 function buildConfiguration(options) {
-  const keys = Object.keys(SIGNING_KEY_TYPES).map(generateSigningJwk);
+  const keys = options.signingKeys ?? Object.keys(SIGNING_KEY_TYPES).map(generateSigningJwk);
 
   // A client may name the resource explicitly, either by the fixed indicator
   // or by the audience itself when the audience is an absolute URI.
@@ -158,18 +334,25 @@ function buildConfiguration(options) {
     jwt: { sign: { alg: options.alg } },
   };
 
+  const client = {
+    client_id: options.clientId,
+    client_secret: options.clientSecret,
+    grant_types: ['client_credentials'],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'client_secret_basic',
+    scope: RESOURCE_SCOPE,
+  };
+  if (options.signingKeys !== undefined) {
+    // oidc-provider checks the client's id_token_signed_response_alg (default
+    // RS256) against the algs of the configured keys at the first token
+    // request, although this client never gets an ID token. A key file may
+    // have no RS256 key, so use the access token alg, which it always has.
+    client.id_token_signed_response_alg = options.alg;
+  }
+
   return {
-    clients: [
-      {
-        client_id: options.clientId,
-        client_secret: options.clientSecret,
-        grant_types: ['client_credentials'],
-        response_types: [],
-        redirect_uris: [],
-        token_endpoint_auth_method: 'client_secret_basic',
-        scope: RESOURCE_SCOPE,
-      },
-    ],
+    clients: [client],
     jwks: { keys },
     scopes: RESOURCE_SCOPE.split(' '),
     ttl: {
@@ -243,6 +426,12 @@ function stopOnSignals(server) {
   process.on('SIGINT', stop);
 }
 
+function logFileSigningKeys(options) {
+  const kids = options.signingKeys.map((jwk) => `${jwk.kid} (${jwk.alg})`).join(', ');
+  const tokenKid = options.signingKeys.find((jwk) => jwk.alg === options.alg).kid;
+  log(`signing keys from ${options.jwksFile}: ${kids}. Access tokens are signed with kid ${JSON.stringify(tokenKid)}`);
+}
+
 async function main() {
   let options;
   try {
@@ -275,6 +464,9 @@ async function main() {
 
   stopOnSignals(server);
   log(`listening: issuer ${issuer}, client ${options.clientId}, audience ${JSON.stringify(options.audience)}, alg ${options.alg}, token TTL ${options.tokenTtl}s`);
+  if (options.signingKeys !== undefined) {
+    logFileSigningKeys(options);
+  }
   process.stdout.write(`READY ${issuer}\n`);
 }
 
