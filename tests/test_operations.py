@@ -21,6 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ext_authz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from ext_authz.api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+from ext_authz.config import parse_config
+from ext_authz.server import SidecarServer
 
 from .support import IssuerServer, SigningKey, claims_for, free_port
 
@@ -196,3 +198,52 @@ def test_port_in_use_exits_with_message(tmp_path: Path):
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port} (server.http_address)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readiness_waits_for_keys_when_required(issuer_server: IssuerServer):
+    issuer_server.jwks_mode = "status"
+    config = parse_config(
+        {
+            "server": {
+                "grpc_address": f"127.0.0.1:{free_port()}",
+                "http_address": f"127.0.0.1:{free_port()}",
+                "require_keys_for_ready": True,
+                "shutdown_grace_seconds": 1,
+            },
+            "issuers": [
+                {
+                    "name": "local",
+                    "issuer": issuer_server.url,
+                    "audiences": ["Amplify Central"],
+                    "allow_insecure_http": True,
+                }
+            ],
+            "policies": [{"name": "default", "issuers": ["local"]}],
+        }
+    )
+    server = SidecarServer(config)
+    server.start()
+    try:
+        sidecar = Sidecar(None, server.grpc_port, server.http_port)  # type: ignore[arg-type]
+        status, body = sidecar.get("/readyz")
+        assert status == 503
+        assert json.loads(body)["issuers"][0]["loaded"] is False
+        with grpc.insecure_channel(sidecar.grpc_target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        issuer_server.jwks_mode = "ok"
+        deadline = time.monotonic() + 10
+        while sidecar.get("/readyz")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        assert sidecar.get("/readyz")[0] == 200
+        with grpc.insecure_channel(sidecar.grpc_target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
