@@ -35,6 +35,37 @@ SUPPORTED_ALGORITHMS = (
 OIDC_METADATA_PATH = "/.well-known/openid-configuration"
 OAUTH_METADATA_PATH = "/.well-known/oauth-authorization-server"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# Claims that carry the OAuth client id, in order of preference: RFC 9068
+# `client_id`, Okta's `cid`, and OIDC's authorized party `azp` (Keycloak, Entra ID).
+CLIENT_ID_CLAIMS = ("client_id", "cid", "azp")
+# Values of a policy's `headers:` map that are not claim paths.
+APPLICATION_VALUE = "application"
+CLIENT_ID_VALUE = "client_id"
+# Identity headers sent upstream when a policy sets no `headers:` map. Client
+# copies of these are removed on every allowed request, whatever the policy.
+DEFAULT_IDENTITY_HEADERS = (
+    ("x-auth-issuer", "iss"),
+    ("x-auth-subject", "sub"),
+    ("x-auth-client-id", CLIENT_ID_VALUE),
+    ("x-auth-application", APPLICATION_VALUE),
+)
+HEADER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# Headers a policy may not set: routing, framing and credential headers.
+RESERVED_HEADERS = frozenset(
+    {
+        "authorization",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "cookie",
+        "x-request-id",
+    }
+)
+POLICY_MODES = ("enforce", "dry_run")
 
 
 class ConfigError(Exception):
@@ -57,6 +88,17 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class IntrospectionConfig:
+    """RFC 7662 token introspection for opaque tokens of one issuer."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    endpoint: str | None = None  # None: the metadata's introspection_endpoint
+    cache_seconds: int = 60
+    cache_size: int = 10000
+
+
+@dataclass(frozen=True)
 class IssuerConfig:
     name: str
     issuer: str
@@ -73,12 +115,32 @@ class IssuerConfig:
     refetch_wait_seconds: float = 0.3
     fetch_timeout_seconds: float = 3.0
     fetch_max_bytes: int = 1024 * 1024
+    client_id_claims: tuple[str, ...] = CLIENT_ID_CLAIMS
+    introspection: IntrospectionConfig | None = None
+
+
+@dataclass(frozen=True)
+class ApplicationConfig:
+    """A registered client application and the OAuth client ids it uses."""
+
+    name: str
+    client_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     name: str
     issuers: tuple[str, ...]
+    applications: tuple[str, ...] | None = None  # None: any client
+    required_scopes: tuple[str, ...] = ()
+    audiences: tuple[str, ...] | None = None  # None: each issuer's audiences
+    headers: tuple[tuple[str, str], ...] = DEFAULT_IDENTITY_HEADERS
+    forward_token: bool = True
+    mode: str = "enforce"
+
+    @property
+    def dry_run(self) -> bool:
+        return self.mode == "dry_run"
 
 
 @dataclass(frozen=True)
@@ -94,6 +156,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deny: DenyConfig = field(default_factory=DenyConfig)
+    applications: tuple[ApplicationConfig, ...] = ()
     source: str = "<memory>"
 
     def issuer(self, name: str) -> IssuerConfig:
@@ -101,6 +164,13 @@ class Config:
 
     def policy(self, name: str) -> PolicyConfig | None:
         return next((policy for policy in self.policies if policy.name == name), None)
+
+    def application_for(self, client_id: str) -> ApplicationConfig | None:
+        """Return the application that registered `client_id`, if any."""
+        for application in self.applications:
+            if client_id in application.client_ids:
+                return application
+        return None
 
 
 def resolve_config_path(path: str | None) -> Path:
@@ -167,12 +237,12 @@ class _Parser:
         root = self.mapping(
             document,
             "(top level)",
-            {"server", "logging", "issuers", "policies", "default_policy", "deny"},
+            {"server", "logging", "issuers", "applications", "policies", "default_policy", "deny"},
             required={"issuers", "policies"},
         )
         issuers = self.issuers(root["issuers"])
-        issuer_names = {issuer.name for issuer in issuers}
-        policies = self.policies(root["policies"], issuer_names)
+        applications = self.applications(root.get("applications", []))
+        policies = self.policies(root["policies"], issuers, applications)
         policy_names = [policy.name for policy in policies]
 
         default_policy = self.string(root.get("default_policy", policy_names[0]), "default_policy")
@@ -198,6 +268,7 @@ class _Parser:
             server=server,
             logging=self.logging(root.get("logging", {})),
             deny=self.deny(root.get("deny", {})),
+            applications=applications,
             source=self.source,
         )
 
@@ -282,6 +353,8 @@ class _Parser:
                 "refetch_wait_seconds",
                 "fetch_timeout_seconds",
                 "fetch_max_bytes",
+                "client_id_claims",
+                "introspection",
             },
             required={"name", "issuer", "audiences"},
         )
@@ -371,27 +444,249 @@ class _Parser:
                 1024,
                 16 * 1024 * 1024,
             ),
+            client_id_claims=self.strings(
+                section.get("client_id_claims", list(CLIENT_ID_CLAIMS)),
+                f"{path}.client_id_claims",
+                minimum=1,
+            ),
+            introspection=(
+                self.introspection(section["introspection"], f"{path}.introspection", allow_http)
+                if section.get("introspection") is not None
+                else None
+            ),
         )
 
-    def policies(self, value: Any, issuer_names: set[str]) -> tuple[PolicyConfig, ...]:
-        items = self.sequence(value, "policies", minimum=1)
-        policies = []
-        for index, item in enumerate(items):
-            path = f"policies[{index}]"
-            section = self.mapping(item, path, {"name", "issuers"}, required={"name", "issuers"})
-            issuers = self.strings(section["issuers"], f"{path}.issuers", minimum=1)
-            for position, issuer_name in enumerate(issuers):
-                if issuer_name not in issuer_names:
-                    raise self.fail(
-                        f"{path}.issuers[{position}]",
-                        f"names issuer {issuer_name!r}, which is not defined",
-                        f"Use one of the names under issuers: {', '.join(sorted(issuer_names))}.",
-                    )
-            policies.append(
-                PolicyConfig(name=self.name(section["name"], f"{path}.name"), issuers=issuers)
+    def introspection(self, value: Any, path: str, allow_http: bool) -> IntrospectionConfig:
+        if isinstance(value, dict) and "client_secret" in value:
+            raise self.fail(
+                f"{path}.client_secret",
+                "secrets are not accepted inline",
+                "Use client_secret_file or client_secret_env instead.",
             )
+        section = self.mapping(
+            value,
+            path,
+            {
+                "endpoint",
+                "client_id",
+                "client_secret_file",
+                "client_secret_env",
+                "cache_seconds",
+                "cache_size",
+            },
+            required={"client_id"},
+        )
+        endpoint = section.get("endpoint")
+        if endpoint is not None:
+            endpoint = self.url(endpoint, f"{path}.endpoint", allow_http)
+        defaults = IntrospectionConfig(client_id="", client_secret="")
+        return IntrospectionConfig(
+            client_id=self.string(section["client_id"], f"{path}.client_id"),
+            client_secret=self.client_secret(section, path),
+            endpoint=endpoint,
+            cache_seconds=self.integer(
+                section.get("cache_seconds", defaults.cache_seconds),
+                f"{path}.cache_seconds",
+                0,
+                3600,
+            ),
+            cache_size=self.integer(
+                section.get("cache_size", defaults.cache_size),
+                f"{path}.cache_size",
+                1,
+                1_000_000,
+            ),
+        )
+
+    def client_secret(self, section: dict[str, Any], path: str) -> str:
+        """Read the introspection client secret; errors name the source, never the secret."""
+        has_file, has_env = "client_secret_file" in section, "client_secret_env" in section
+        if has_file == has_env:
+            raise self.fail(
+                path,
+                "needs exactly one of client_secret_file and client_secret_env",
+                "Keep the secret out of this file: point to a file or an environment variable.",
+            )
+        if has_file:
+            secret_path = Path(
+                self.string(section["client_secret_file"], f"{path}.client_secret_file")
+            )
+            try:
+                secret = secret_path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as error:
+                reason = getattr(error, "strerror", None) or "not UTF-8 text"
+                raise self.fail(
+                    f"{path}.client_secret_file",
+                    f"cannot read {str(secret_path)!r}: {reason}",
+                    "Mount the secret file or fix the path.",
+                ) from None
+            source = f"{path}.client_secret_file"
+        else:
+            variable = self.string(section["client_secret_env"], f"{path}.client_secret_env")
+            secret = os.environ.get(variable, "").strip()
+            source = f"{path}.client_secret_env"
+        if not secret:
+            raise self.fail(source, "the client secret is empty", "Provide a non-empty secret.")
+        return secret
+
+    def applications(self, value: Any) -> tuple[ApplicationConfig, ...]:
+        items = self.sequence(value, "applications")
+        applications = []
+        owners: dict[str, str] = {}
+        for index, item in enumerate(items):
+            path = f"applications[{index}]"
+            section = self.mapping(
+                item, path, {"name", "client_ids"}, required={"name", "client_ids"}
+            )
+            name = self.name(section["name"], f"{path}.name")
+            client_ids = self.strings(section["client_ids"], f"{path}.client_ids", minimum=1)
+            for position, client_id in enumerate(client_ids):
+                if client_id in owners:
+                    raise self.fail(
+                        f"{path}.client_ids[{position}]",
+                        f"client id {client_id!r} is already registered by application "
+                        f"{owners[client_id]!r}",
+                        "Register each client id in one application only.",
+                    )
+                owners[client_id] = name
+            applications.append(ApplicationConfig(name=name, client_ids=client_ids))
+        self.unique([application.name for application in applications], "applications", "name")
+        return tuple(applications)
+
+    def policies(
+        self,
+        value: Any,
+        issuers: tuple[IssuerConfig, ...],
+        applications: tuple[ApplicationConfig, ...],
+    ) -> tuple[PolicyConfig, ...]:
+        items = self.sequence(value, "policies", minimum=1)
+        policies = tuple(
+            self.policy(item, f"policies[{index}]", issuers, applications)
+            for index, item in enumerate(items)
+        )
         self.unique([policy.name for policy in policies], "policies", "name")
-        return tuple(policies)
+        return policies
+
+    def policy(
+        self,
+        value: Any,
+        path: str,
+        issuers: tuple[IssuerConfig, ...],
+        applications: tuple[ApplicationConfig, ...],
+    ) -> PolicyConfig:
+        section = self.mapping(
+            value,
+            path,
+            {
+                "name",
+                "issuers",
+                "applications",
+                "required_scopes",
+                "audiences",
+                "headers",
+                "forward_token",
+                "mode",
+            },
+            required={"name", "issuers"},
+        )
+        issuer_names = {issuer.name for issuer in issuers}
+        trusted = self.references(
+            section["issuers"], f"{path}.issuers", issuer_names, "issuers", "issuer"
+        )
+        introspecting = [
+            issuer.name for issuer in issuers if issuer.name in trusted and issuer.introspection
+        ]
+        if len(introspecting) > 1:
+            raise self.fail(
+                f"{path}.issuers",
+                f"trusts several issuers with introspection ({', '.join(introspecting)})",
+                "An opaque token names no issuer, so a policy may trust at most one issuer "
+                "with introspection; split the API into one policy per such issuer.",
+            )
+
+        allowed_applications = None
+        if section.get("applications") is not None:
+            allowed_applications = self.references(
+                section["applications"],
+                f"{path}.applications",
+                {application.name for application in applications},
+                "applications",
+                "application",
+            )
+        required_scopes = self.strings(
+            section.get("required_scopes", []), f"{path}.required_scopes"
+        )
+        for index, scope in enumerate(required_scopes):
+            if any(character.isspace() for character in scope) or '"' in scope:
+                raise self.fail(
+                    f"{path}.required_scopes[{index}]",
+                    f"invalid scope {scope!r}",
+                    "Write each scope as its own list entry, without spaces or quotes.",
+                )
+        audiences = None
+        if section.get("audiences") is not None:
+            audiences = self.strings(section["audiences"], f"{path}.audiences", minimum=1)
+
+        return PolicyConfig(
+            name=self.name(section["name"], f"{path}.name"),
+            issuers=trusted,
+            applications=allowed_applications,
+            required_scopes=required_scopes,
+            audiences=audiences,
+            headers=self.headers(section.get("headers"), f"{path}.headers"),
+            forward_token=self.boolean(section.get("forward_token", True), f"{path}.forward_token"),
+            mode=self.choice(section.get("mode", "enforce"), f"{path}.mode", POLICY_MODES),
+        )
+
+    def references(
+        self, value: Any, path: str, known: set[str], section: str, noun: str
+    ) -> tuple[str, ...]:
+        """Return a list of names, each of which must be defined under `section`."""
+        names = self.strings(value, path, minimum=1)
+        choices = ", ".join(sorted(known)) or "(none defined)"
+        for position, name in enumerate(names):
+            if name not in known:
+                raise self.fail(
+                    f"{path}[{position}]",
+                    f"names {noun} {name!r}, which is not defined",
+                    f"Use one of the names under {section}: {choices}.",
+                )
+        return names
+
+    def headers(self, value: Any, path: str) -> tuple[tuple[str, str], ...]:
+        if value is None:
+            return DEFAULT_IDENTITY_HEADERS
+        if not isinstance(value, dict) or not value:
+            raise self.fail(
+                path,
+                f"expected a non-empty mapping of header name to claim, got {_type_name(value)}",
+                "Write it like `x-user-email: email`.",
+            )
+        headers = []
+        for name, claim in value.items():
+            key_path = f"{path}.{name}"
+            if not isinstance(name, str) or not HEADER_NAME_PATTERN.match(name):
+                raise self.fail(
+                    key_path,
+                    f"invalid header name {name!r}",
+                    "Use lower-case letters, digits and '-'.",
+                )
+            if name in RESERVED_HEADERS:
+                raise self.fail(
+                    key_path,
+                    f"header {name!r} cannot carry identity",
+                    "Choose another name, such as x-auth-...",
+                )
+            text = self.string(claim, key_path)
+            if not all(part for part in text.split(".")):
+                raise self.fail(
+                    key_path,
+                    f"invalid claim path {text!r}",
+                    "Use a claim name, a dotted path such as realm_access.roles, "
+                    f"{APPLICATION_VALUE!r} or {CLIENT_ID_VALUE!r}.",
+                )
+            headers.append((name, text))
+        return tuple(headers)
 
     # Values
 

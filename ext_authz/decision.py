@@ -2,47 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+from .config import PolicyConfig
+from .policy import Identity
 from .reasons import Reason
-
-# Claims that carry the OAuth client id, in order of preference: RFC 9068
-# `client_id`, Okta's `cid`, and OIDC's authorized party `azp` (Keycloak, Entra ID).
-CLIENT_ID_CLAIMS = ("client_id", "cid", "azp")
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Allow or deny, with one reason, and the verified identity when there is one."""
+    """Allow or deny with one reason; an allow carries the caller's identity."""
 
     reason: Reason
-    policy: str
+    policy_name: str
+    policy: PolicyConfig | None = None
     detail: str = ""
+    identity: Identity | None = None
+    # Known once the token's signature verified, so logs may name the caller.
     issuer_name: str | None = None
-    claims: dict[str, Any] = field(default_factory=dict)
+    client_id: str | None = None
 
     @property
     def allowed(self) -> bool:
         return self.reason is Reason.OK
-
-    @property
-    def subject(self) -> str | None:
-        return _string_claim(self.claims, "sub")
-
-    @property
-    def issuer_url(self) -> str | None:
-        return _string_claim(self.claims, "iss")
-
-    @property
-    def client_id(self) -> str | None:
-        for name in CLIENT_ID_CLAIMS:
-            value = _string_claim(self.claims, name)
-            if value is not None:
-                return value
-        return None
-
-
-def _string_claim(claims: dict[str, Any], name: str) -> str | None:
-    value = claims.get(name)
-    return value if isinstance(value, str) else None

@@ -80,6 +80,21 @@ class Fetcher:
 
     def discover_jwks_uri(self) -> str:
         """Fetch the metadata document and return its validated `jwks_uri`."""
+        return self._metadata_url_field("jwks_uri")
+
+    def discover_introspection_endpoint(self) -> str:
+        """Fetch the metadata document and return its `introspection_endpoint` (RFC 8414 §2)."""
+        return self._metadata_url_field("introspection_endpoint")
+
+    def _metadata_url_field(self, name: str) -> str:
+        document, url = self._fetch_metadata()
+        value = document.get(name)
+        if not isinstance(value, str):
+            raise FetchError(FetchResult.INVALID, f"the metadata at {url} has no {name} string")
+        self._check_scheme(value, f"the metadata's {name}")
+        return value
+
+    def _fetch_metadata(self) -> tuple[dict[str, Any], str]:
         config = self.config
         urls = metadata_urls(config)
         for index, url in enumerate(urls):
@@ -99,11 +114,25 @@ class Fetcher:
                 f"configured issuer {config.issuer!r}; configure the exact string the server "
                 "publishes, trailing slash included",
             )
-        jwks_uri = document.get("jwks_uri")
-        if not isinstance(jwks_uri, str):
-            raise FetchError(FetchResult.INVALID, f"the metadata at {url} has no jwks_uri string")
-        self._check_scheme(jwks_uri, "the metadata's jwks_uri")
-        return jwks_uri
+        return document, url
+
+    def post_form(self, url: str, form: dict[str, str], auth: tuple[str, str]) -> dict[str, Any]:
+        """POST a form with HTTP Basic client authentication and return the JSON object reply.
+
+        Redirects are not followed, so the credentials go only to `url`.
+        """
+        self._check_scheme(url, "the URL")
+        deadline = time.monotonic() + self.config.fetch_timeout_seconds
+        response = self._open("POST", url, deadline, data=form, auth=auth)
+        with response:
+            if response.status_code != 200:
+                raise FetchError(
+                    FetchResult.HTTP_ERROR, f"POST {url} returned HTTP {response.status_code}"
+                )
+            body = self._read_body(response, url, deadline)
+        # The reply may echo the request, which contains the token, so no
+        # part of it goes into the error message.
+        return _parse_object(body, url, quote_body=False)
 
     def get_json(self, url: str) -> JsonDocument:
         """GET `url` and return its JSON object, following same-origin redirects only."""
@@ -111,7 +140,7 @@ class Fetcher:
         current = url
         for _ in range(MAX_REDIRECTS + 1):
             self._check_scheme(current, "the URL")
-            response = self._open(current, deadline)
+            response = self._open("GET", current, deadline)
             with response:
                 if response.status_code in _REDIRECT_STATUSES:
                     current = self._redirect_target(current, response.headers.get("Location"))
@@ -130,18 +159,20 @@ class Fetcher:
             FetchResult.INVALID, f"GET {url} redirected more than {MAX_REDIRECTS} times"
         )
 
-    def _open(self, url: str, deadline: float) -> requests.Response:
+    def _open(self, method: str, url: str, deadline: float, **options: Any) -> requests.Response:
         remaining = max(deadline - time.monotonic(), 0.001)
         try:
-            return self._session.get(url, timeout=remaining, stream=True, allow_redirects=False)
+            return self._session.request(
+                method, url, timeout=remaining, stream=True, allow_redirects=False, **options
+            )
         except requests.Timeout:
             raise FetchError(
                 FetchResult.TIMEOUT,
-                f"GET {url} timed out after {self.config.fetch_timeout_seconds:g} s",
+                f"{method} {url} timed out after {self.config.fetch_timeout_seconds:g} s",
             ) from None
         except requests.RequestException as error:
             raise FetchError(
-                FetchResult.HTTP_ERROR, f"GET {url} failed: {_describe(error)}"
+                FetchResult.HTTP_ERROR, f"{method} {url} failed: {_describe(error)}"
             ) from None
 
     def _read_body(self, response: requests.Response, url: str, deadline: float) -> bytes:
@@ -153,19 +184,17 @@ class Fetcher:
                 size += len(chunk)
                 if size > limit:
                     raise FetchError(
-                        FetchResult.INVALID, f"GET {url} returned more than {limit} bytes"
+                        FetchResult.INVALID, f"the reply from {url} is larger than {limit} bytes"
                     )
                 if time.monotonic() > deadline:
                     raise FetchError(
                         FetchResult.TIMEOUT,
-                        f"GET {url} timed out after {self.config.fetch_timeout_seconds:g} s",
+                        f"reading {url} timed out after {self.config.fetch_timeout_seconds:g} s",
                     )
                 chunks.append(chunk)
         except requests.RequestException as error:
             result = FetchResult.TIMEOUT if "timed out" in str(error) else FetchResult.HTTP_ERROR
-            raise FetchError(
-                result, f"GET {url} failed while reading: {type(error).__name__}"
-            ) from None
+            raise FetchError(result, f"reading {url} failed: {type(error).__name__}") from None
         return b"".join(chunks)
 
     def _redirect_target(self, current: str, location: str | None) -> str:
@@ -207,16 +236,15 @@ def _describe(error: requests.RequestException) -> str:
     return type(error).__name__
 
 
-def _parse_object(body: bytes, url: str) -> dict[str, Any]:
+def _parse_object(body: bytes, url: str, quote_body: bool = True) -> dict[str, Any]:
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         start = body[:40].decode("utf-8", "replace").strip()
-        raise FetchError(
-            FetchResult.INVALID, f"GET {url} did not return JSON (body starts with {start!r})"
-        ) from None
+        shown = f" (body starts with {start!r})" if quote_body else ""
+        raise FetchError(FetchResult.INVALID, f"{url} did not return JSON{shown}") from None
     if not isinstance(document, dict):
-        raise FetchError(FetchResult.INVALID, f"GET {url} returned JSON that is not an object")
+        raise FetchError(FetchResult.INVALID, f"{url} returned JSON that is not an object")
     return document
 
 

@@ -44,6 +44,19 @@ class Metrics:
             ["issuer"],
             registry=self.registry,
         )
+        self.introspection_requests = Counter(
+            "ext_authz_introspection_requests",
+            "Token introspection requests by issuer and result: ok, timeout, http_error, "
+            "invalid, or rate_limited while the endpoint is unknown.",
+            ["issuer", "result"],
+            registry=self.registry,
+        )
+        self.introspection_cache = Counter(
+            "ext_authz_introspection_cache",
+            "Introspection cache lookups by issuer and result (hit or miss).",
+            ["issuer", "result"],
+            registry=self.registry,
+        )
         self.jwks_age = Gauge(
             "ext_authz_jwks_age_seconds",
             "Seconds since the issuer's key set was last fetched successfully; -1 before that.",

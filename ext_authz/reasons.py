@@ -79,6 +79,30 @@ class Reason(enum.Enum):
         StatusKind.AUTHENTICATION,
         "No signing key of the issuer matches the token.",
     )
+    TOKEN_INACTIVE = (
+        "token_inactive",
+        "invalid_token",
+        StatusKind.AUTHENTICATION,
+        "The token is not active.",
+    )
+    CLIENT_NOT_ALLOWED = (
+        "client_not_allowed",
+        "access_denied",
+        StatusKind.FORBIDDEN,
+        "The client application is not allowed to call this API.",
+    )
+    SCOPE_INSUFFICIENT = (
+        "scope_insufficient",
+        "insufficient_scope",
+        StatusKind.FORBIDDEN,
+        "The token lacks a scope this API requires.",
+    )
+    INTROSPECTION_FAILED = (
+        "introspection_failed",
+        "temporarily_unavailable",
+        StatusKind.UNAVAILABLE,
+        "The token could not be checked with its issuer; retry later.",
+    )
     KEYS_UNAVAILABLE = (
         "keys_unavailable",
         "temporarily_unavailable",

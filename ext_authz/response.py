@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from .api.envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
@@ -13,15 +14,20 @@ from .api.envoy.service.auth.v3.external_auth_pb2 import (
     OkHttpResponse,
 )
 from .api.envoy.type.v3.http_status_pb2 import HttpStatus
-from .config import DenyConfig
+from .claims import claim_value, header_text
+from .config import (
+    APPLICATION_VALUE,
+    CLIENT_ID_VALUE,
+    DEFAULT_IDENTITY_HEADERS,
+    DenyConfig,
+    PolicyConfig,
+)
 from .decision import Decision
+from .policy import Identity
 from .reasons import Reason, StatusKind
 
-# Identity headers the upstream may trust: set from the verified token, and
-# removed when the client sent them but the token has no such value.
-ISSUER_HEADER = "x-auth-issuer"
-SUBJECT_HEADER = "x-auth-subject"
-CLIENT_ID_HEADER = "x-auth-client-id"
+# Client copies of these never reach the upstream, whatever the policy sets.
+_DEFAULT_HEADER_NAMES = tuple(name for name, _ in DEFAULT_IDENTITY_HEADERS)
 
 # google.rpc.Code values (google/rpc/code.proto).
 _GRPC_CODE = {
@@ -35,8 +41,9 @@ _FIXED_STATUS = {StatusKind.FORBIDDEN: 403, StatusKind.UNAVAILABLE: 503, StatusK
 
 def build_response(decision: Decision, deny: DenyConfig) -> CheckResponse:
     if decision.allowed:
-        return _allow(decision)
-    return _deny(decision.reason, decision.policy, deny)
+        assert decision.policy is not None and decision.identity is not None
+        return allow_response(decision.policy, decision.identity)
+    return deny_response(decision.reason, decision.policy_name, decision.policy, deny)
 
 
 def http_status(reason: Reason, deny: DenyConfig) -> int:
@@ -44,29 +51,43 @@ def http_status(reason: Reason, deny: DenyConfig) -> int:
     return _FIXED_STATUS.get(reason.status_kind, deny.authentication_status)
 
 
-def _allow(decision: Decision) -> CheckResponse:
-    identity = {
-        ISSUER_HEADER: decision.issuer_url,
-        SUBJECT_HEADER: decision.subject,
-        CLIENT_ID_HEADER: decision.client_id,
-    }
+def allow_response(policy: PolicyConfig, identity: Identity | None) -> CheckResponse:
+    """Return an OK response that sets the policy's identity headers and removes spoofed ones.
+
+    With `identity` None (a dry-run deny), every identity header is removed
+    and none is set.
+    """
     ok = OkHttpResponse()
-    for name, value in identity.items():
-        if value is not None and _is_header_safe(value):
-            ok.headers.append(_header(name, value))
-        else:
+    set_names: set[str] = set()
+    if identity is not None:
+        for name, source in policy.headers:
+            text = header_text(_identity_value(identity, source))
+            if text is not None:
+                ok.headers.append(_header(name, text))
+                set_names.add(name)
+
+    for name in dict.fromkeys([*_DEFAULT_HEADER_NAMES, *(name for name, _ in policy.headers)]):
+        if name not in set_names:
             ok.headers_to_remove.append(name)
+    if not policy.forward_token:
+        ok.headers_to_remove.append("authorization")
 
     response = CheckResponse(ok_response=ok)
     response.status.code = 0
+    if identity is not None:
+        response.dynamic_metadata.CopyFrom(_metadata(policy, identity))
     return response
 
 
-def _deny(reason: Reason, policy: str, deny: DenyConfig) -> CheckResponse:
-    challenge = f'Bearer realm="{policy}"'
+def deny_response(
+    reason: Reason, policy_name: str, policy: PolicyConfig | None, deny: DenyConfig
+) -> CheckResponse:
+    challenge = f'Bearer realm="{policy_name}"'
     # RFC 6750 §3.1: a request without credentials gets no error attribute.
     if reason is not Reason.TOKEN_MISSING and reason.error_code is not None:
         challenge += f', error="{reason.error_code}", error_description="{reason.description}"'
+    if reason is Reason.SCOPE_INSUFFICIENT and policy is not None:
+        challenge += f', scope="{" ".join(policy.required_scopes)}"'
     body = json.dumps({"error": reason.error_code, "error_description": reason.description})
 
     denied = DeniedHttpResponse(
@@ -83,13 +104,32 @@ def _deny(reason: Reason, policy: str, deny: DenyConfig) -> CheckResponse:
     return response
 
 
+def _identity_value(identity: Identity, source: str) -> object:
+    if source == APPLICATION_VALUE:
+        return identity.application
+    if source == CLIENT_ID_VALUE:
+        return identity.client_id
+    return claim_value(identity.claims, source)
+
+
+def _metadata(policy: PolicyConfig, identity: Identity) -> Struct:
+    """Return the dynamic metadata Envoy stores under envoy.filters.http.ext_authz."""
+    metadata = Struct()
+    metadata.update(
+        {
+            "policy": policy.name,
+            "issuer": identity.issuer.name,
+            "subject": identity.subject or "",
+            "client_id": identity.client_id or "",
+            "application": identity.application or "",
+            "scopes": list(identity.scopes),
+        }
+    )
+    return metadata
+
+
 def _header(name: str, value: str) -> HeaderValueOption:
     # append=false overwrites any copy the client sent.
     return HeaderValueOption(
         header=HeaderValue(key=name, value=value), append=BoolValue(value=False)
     )
-
-
-def _is_header_safe(value: str) -> bool:
-    """Return whether a claim value is visible ASCII and can go into a header as is."""
-    return value.isascii() and value.isprintable() and len(value) <= 4096

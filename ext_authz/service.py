@@ -4,27 +4,124 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import grpc
 
 from .api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from .api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
-from .config import Config
+from .claims import ClaimError, client_id
+from .config import Config, PolicyConfig
 from .credential import CredentialError, bearer_token
 from .decision import Decision
+from .introspection import Introspector
 from .issuer_keys import IssuerKeys
 from .metrics import Metrics
+from .policy import apply_policy
 from .reasons import Reason
 from .request_view import RequestView, view_request
-from .response import build_response, http_status
-from .verify import VerificationError, Verifier
+from .response import allow_response, build_response, http_status
+from .verify import VerificationError, VerifiedToken, Verifier
 
 log = logging.getLogger(__name__)
 
 # Metric and log label for a request whose policy name is not configured.
 # Configured names start with a letter or digit, so this one cannot clash.
 UNKNOWN_POLICY = "_unknown"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One check of the pipeline and its outcome, as `ext-authz explain` prints it."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+class DecisionEngine:
+    """Runs the decision pipeline: policy, credential, verification, policy checks."""
+
+    def __init__(
+        self,
+        config: Config,
+        issuer_keys: Mapping[str, IssuerKeys],
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._verifier = Verifier(issuer_keys)
+        self._clock = clock
+        self._introspectors = {
+            issuer.name: Introspector(issuer, metrics)
+            for issuer in config.issuers
+            if issuer.introspection is not None
+        }
+
+    def decide(self, view: RequestView, steps: list[Step] | None = None) -> Decision:
+        """Return the decision for one request; `steps` collects each check when given."""
+        policy_name = view.policy_name or self.config.default_policy
+        policy = self.config.policy(policy_name)
+        if policy is None:
+            # The name comes from Envoy's route configuration, not from the
+            # client, so the log may show it; the response body does not.
+            detail = (
+                f"no policy named {policy_name[:100]!r} is configured; fix the route's "
+                "context_extensions or add the policy"
+            )
+            _note(steps, "policy", False, detail)
+            return Decision(Reason.POLICY_UNKNOWN, UNKNOWN_POLICY, detail=detail)
+        _note(steps, "policy", True, f"policy {policy.name!r}")
+
+        try:
+            token = bearer_token(view)
+        except CredentialError as error:
+            _note(steps, "credential", False, error.detail)
+            return Decision(error.reason, policy.name, policy, error.detail)
+        _note(steps, "credential", True, "bearer token found in the Authorization header")
+
+        try:
+            verified = self._verify(token, policy)
+        except VerificationError as error:
+            _note(steps, "verification", False, error.detail)
+            return Decision(error.reason, policy.name, policy, error.detail)
+        _note(steps, "verification", True, f"vouched for by issuer {verified.issuer.name!r}")
+
+        issuer_name = verified.issuer.name
+        try:
+            identity = apply_policy(
+                policy, self.config, verified.issuer, verified.claims, self._clock()
+            )
+        except ClaimError as error:
+            _note(steps, "policy checks", False, error.detail)
+            return Decision(
+                error.reason,
+                policy.name,
+                policy,
+                error.detail,
+                issuer_name=issuer_name,
+                client_id=_client_id_for_log(verified),
+            )
+        _note(steps, "policy checks", True, "time, audience, application and scopes accepted")
+        return Decision(
+            Reason.OK,
+            policy.name,
+            policy,
+            identity=identity,
+            issuer_name=issuer_name,
+            client_id=identity.client_id,
+        )
+
+    def _verify(self, token: str, policy: PolicyConfig) -> VerifiedToken:
+        # A token that is not a three-part JWS is opaque: it goes to the
+        # introspection endpoint of the policy's issuer, when one has it.
+        if token.count(".") != 2:
+            for issuer_name in policy.issuers:
+                introspector = self._introspectors.get(issuer_name)
+                if introspector is not None:
+                    return introspector.introspect(token)
+        return self._verifier.verify(token, policy.issuers)
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
@@ -35,66 +132,46 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
     ) -> None:
         self._config = config
         self._metrics = metrics
-        self._verifier = Verifier(issuer_keys)
+        self.engine = DecisionEngine(config, issuer_keys, metrics)
 
     def Check(self, request: CheckRequest, context: grpc.ServicerContext) -> CheckResponse:
         started = time.perf_counter()
         view: RequestView | None = None
         try:
             view = view_request(request)
-            decision = self.decide(view)
-            response = build_response(decision, self._config.deny)
+            decision = self.engine.decide(view)
+            response = self._respond(decision, view)
         except Exception:
             log.exception("Check failed with an unexpected error; denying the request")
-            decision = Decision(Reason.INTERNAL_ERROR, UNKNOWN_POLICY, "unexpected error")
+            decision = Decision(Reason.INTERNAL_ERROR, UNKNOWN_POLICY, detail="unexpected error")
             response = build_response(decision, self._config.deny)
+            self._record(decision, view, "deny")
 
-        self._record(decision, view)
         self._metrics.check_duration.observe(time.perf_counter() - started)
         return response
 
-    def decide(self, view: RequestView) -> Decision:
-        """Run the pipeline: policy, credential, verification."""
-        policy_name = view.policy_name or self._config.default_policy
-        policy = self._config.policy(policy_name)
-        if policy is None:
-            # The name comes from Envoy's route configuration, not from the
-            # client, so the log may show it; the response body does not.
-            return Decision(
-                Reason.POLICY_UNKNOWN,
-                UNKNOWN_POLICY,
-                f"no policy named {policy_name[:100]!r} is configured; fix the route's "
-                "context_extensions or add the policy",
-            )
-
-        try:
-            token = bearer_token(view)
-        except CredentialError as error:
-            return Decision(error.reason, policy.name, error.detail)
-
-        try:
-            verified = self._verifier.verify(token, policy.issuers)
-        except VerificationError as error:
-            return Decision(
-                error.reason,
-                policy.name,
-                error.detail,
-                issuer_name=error.issuer.name if error.issuer else None,
-                claims=error.claims or {},
-            )
-        return Decision(
-            Reason.OK, policy.name, issuer_name=verified.issuer.name, claims=verified.claims
-        )
-
-    def _record(self, decision: Decision, view: RequestView | None) -> None:
-        outcome = "allow" if decision.allowed else "deny"
-        self._metrics.decisions.labels(decision.policy, outcome, decision.reason.label).inc()
+    def _respond(self, decision: Decision, view: RequestView) -> CheckResponse:
         if decision.allowed:
+            self._record(decision, view, "allow")
+            return build_response(decision, self._config.deny)
+        if decision.policy is not None and decision.policy.dry_run:
+            # Dry run: let the request through without identity headers and
+            # count what enforcement would have denied.
+            self._record(decision, view, "dry_run_deny")
+            return allow_response(decision.policy, None)
+        self._record(decision, view, "deny")
+        return build_response(decision, self._config.deny)
+
+    def _record(self, decision: Decision, view: RequestView | None, outcome: str) -> None:
+        self._metrics.decisions.labels(decision.policy_name, outcome, decision.reason.label).inc()
+        if outcome == "allow":
             return
+        prefix = "dry run, would deny" if outcome == "dry_run_deny" else "denied"
         log.info(
-            "denied request: policy=%s reason=%s status=%d issuer=%s client_id=%s request_id=%s "
+            "%s request: policy=%s reason=%s status=%d issuer=%s client_id=%s request_id=%s "
             "detail=%s",
-            decision.policy,
+            prefix,
+            decision.policy_name,
             decision.reason.label,
             http_status(decision.reason, self._config.deny),
             decision.issuer_name or "-",
@@ -102,7 +179,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
             view.request_id if view else "-",
             decision.detail,
             extra={
-                "policy": decision.policy,
+                "decision": outcome,
+                "policy": decision.policy_name,
                 "reason": decision.reason.label,
                 "issuer": decision.issuer_name,
                 "client_id": decision.client_id,
@@ -110,3 +188,15 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
                 "detail": decision.detail,
             },
         )
+
+
+def _client_id_for_log(verified: VerifiedToken) -> str | None:
+    try:
+        return client_id(verified.claims, verified.issuer.client_id_claims)
+    except ClaimError:
+        return None
+
+
+def _note(steps: list[Step] | None, name: str, passed: bool, detail: str) -> None:
+    if steps is not None:
+        steps.append(Step(name, passed, detail))

@@ -119,7 +119,7 @@ def test_valid_token_allowed(harness: Harness, issuer_server: IssuerServer, rsa_
     }
     assert all(option.append.value is False for option in response.ok_response.headers)
     assert all(option.HasField("append") for option in response.ok_response.headers)
-    assert list(response.ok_response.headers_to_remove) == []
+    assert list(response.ok_response.headers_to_remove) == ["x-auth-application"]
     assert harness.count("ok", decision="allow") == 1
 
 
@@ -144,7 +144,11 @@ def test_missing_identity_claims_removed(
     response = harness.check(f"Bearer {token}", x_auth_subject="forged")
 
     assert response.status.code == 0
-    assert set(response.ok_response.headers_to_remove) == {"x-auth-subject", "x-auth-client-id"}
+    assert set(response.ok_response.headers_to_remove) == {
+        "x-auth-subject",
+        "x-auth-client-id",
+        "x-auth-application",
+    }
     assert "x-auth-subject" not in headers_of(response)
 
 
@@ -303,7 +307,7 @@ def test_exception_becomes_internal_error(
     def explode(view: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(harness.service, "decide", explode)
+    monkeypatch.setattr(harness.service.engine, "decide", explode)
 
     response = harness.check("Bearer a.b.c")
 

@@ -161,7 +161,7 @@ def test_explicit_jwks_uri_skips_discovery(issuer_server: IssuerServer):
         ("html", "invalid", "did not return JSON (body starts with '<html>"),
         ("empty", "invalid", "not a JSON object with a 'keys' list"),
         ("hang", "timeout", "timed out after 0.5 s"),
-        ("huge", "invalid", "returned more than 1048576 bytes"),
+        ("huge", "invalid", "is larger than 1048576 bytes"),
         ("redirect_other_host", "invalid", "another scheme or host"),
     ],
 )
