@@ -35,6 +35,21 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_option(check)
     check.set_defaults(handler=_check_config)
 
+    explain = commands.add_parser(
+        "explain",
+        help="show how the service decides on one token (exit 0 allow, 1 deny, 2 error)",
+    )
+    _add_config_option(explain)
+    explain.add_argument(
+        "--policy", help="policy to apply (default: the configuration's default_policy)"
+    )
+    source = explain.add_mutually_exclusive_group(required=True)
+    source.add_argument("--token", help="the token; prefer --token-file to keep it out of history")
+    source.add_argument(
+        "--token-file", type=Path, help="file that contains the token; '-' reads standard input"
+    )
+    explain.set_defaults(handler=_explain)
+
     issuer = commands.add_parser(
         "dev-issuer", help="run a demo OAuth 2.0 issuer (local development only)"
     )
@@ -118,6 +133,40 @@ def _check_config(arguments: argparse.Namespace) -> int:
         f"default policy {config.default_policy!r}); issuers were not contacted"
     )
     return 0
+
+
+def _explain(arguments: argparse.Namespace) -> int:
+    from .explain import explain
+
+    try:
+        config = load_config(resolve_config_path(arguments.config))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if arguments.policy is not None and config.policy(arguments.policy) is None:
+        names = ", ".join(policy.name for policy in config.policies)
+        print(f"error: no policy named {arguments.policy!r}; use one of: {names}", file=sys.stderr)
+        return 2
+
+    token = arguments.token
+    if arguments.token_file is not None:
+        try:
+            if str(arguments.token_file) == "-":
+                token = sys.stdin.read()
+            else:
+                token = arguments.token_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            print(f"error: cannot read the token file: {error}", file=sys.stderr)
+            return 2
+    token = token.strip()
+    if token.lower().startswith("bearer "):
+        token = token[7:].strip()
+    if not token:
+        print("error: the token is empty", file=sys.stderr)
+        return 2
+
+    configure_logging("warning", "text")
+    return explain(config, token, arguments.policy)
 
 
 def _count(number: int, singular: str, plural: str | None = None) -> str:

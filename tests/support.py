@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import re
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -91,6 +93,10 @@ class IssuerServer:
     jwks_status: int = 200
     hang_seconds: float = 5.0
     cache_control: str | None = None
+    # Introspection: token -> reply, checked against HTTP Basic credentials.
+    introspection_results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    introspection_credentials: tuple[str, str] = ("ext-authz", "s3cret-value")
+    introspection_mode: str = "ok"  # ok, status (HTTP 500) or html
     requests: list[str] = field(default_factory=list)
     port: int = 0
 
@@ -106,6 +112,22 @@ class IssuerServer:
     def jwks_fetches(self) -> int:
         return sum(1 for path in self.requests if path.startswith("/jwks"))
 
+    def introspections(self) -> int:
+        return self.requests.count("POST /introspect")
+
+    def introspect(self, authorization: str, form: dict[str, str]) -> tuple[int, bytes]:
+        """Return status and body of an RFC 7662 introspection reply."""
+        user, secret = self.introspection_credentials
+        expected = "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
+        if authorization != expected:
+            return 401, b'{"error": "invalid_client"}'
+        if self.introspection_mode == "status":
+            return 500, b"{}"
+        if self.introspection_mode == "html":
+            return 200, b"<html>maintenance</html>"
+        reply = self.introspection_results.get(form.get("token", ""), {"active": False})
+        return 200, json.dumps(reply).encode()
+
     def respond(self, path: str) -> tuple[int, dict[str, str], bytes, float]:
         """Return status, headers, body and a delay in seconds for a GET of `path`."""
         metadata_paths = self.metadata_paths or [
@@ -115,6 +137,7 @@ class IssuerServer:
             metadata = {
                 "issuer": self.metadata_issuer or self.url,
                 "jwks_uri": f"{self.base_url}/jwks.json",
+                "introspection_endpoint": f"{self.base_url}/introspect",
             }
             return 200, {}, json.dumps(metadata).encode(), 0.0
         if path == "/jwks.json":
@@ -167,6 +190,19 @@ def running_issuer(server: IssuerServer) -> Iterator[IssuerServer]:
                 self.wfile.write(body)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # The client gave up, as a timeout test expects.
+
+        def do_POST(self) -> None:
+            server.requests.append(f"POST {self.path}")
+            length = int(self.headers.get("Content-Length") or 0)
+            form = {
+                key: values[0] for key, values in parse_qs(self.rfile.read(length).decode()).items()
+            }
+            status, body = server.introspect(self.headers.get("Authorization", ""), form)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

@@ -59,7 +59,7 @@ class Harness:
             issuer.name: IssuerKeys(issuer, self.metrics, clock=clock) for issuer in config.issuers
         }
         if load:
-            self.keys["local"].refresh()
+            self.keys[config.issuers[0].name].refresh()
         self.service = AuthorizationService(config, self.keys, self.metrics)
 
     def check(

@@ -6,6 +6,8 @@ import base64
 import json
 import shutil
 import subprocess
+import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ext_authz.dev.stack import Stack, StackPorts, local_sidecar_config
+from ext_authz.dev.stack import Stack, StackPorts, local_sidecar_config, policy_route
 
 from .support import decision_count, free_port, send
 
@@ -31,22 +33,34 @@ class Provider:
         self.process = process
         self.url = url
 
-    def token(self) -> str:
+    def token(self, scope: str | None = None) -> str:
+        form = {"grant_type": "client_credentials", **({"scope": scope} if scope else {})}
+        return str(self._post("/token", form)["access_token"])
+
+    def revoke(self, token: str) -> None:
+        """Revoke a token as its owner (RFC 7009)."""
+        self._post("/token/revocation", {"token": token})
+
+    def _post(self, path: str, form: dict[str, str]) -> dict[str, Any]:
         credentials = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
         request = urllib.request.Request(
-            f"{self.url}/token",
-            data=b"grant_type=client_credentials",
+            f"{self.url}{path}",
+            data=urllib.parse.urlencode(form).encode(),
             headers={
                 "Authorization": f"Basic {credentials}",
                 "Content-Type": "application/x-www-form-urlencoded",
             },
         )
         with urllib.request.urlopen(request, timeout=10) as response:
-            return str(json.load(response)["access_token"])
+            body = response.read()
+        return json.loads(body) if body else {}
 
 
 def start_provider(
-    algorithm: str, port: int | None = None, jwks_file: Path | None = None
+    algorithm: str,
+    port: int | None = None,
+    jwks_file: Path | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Provider:
     node = shutil.which("node")
     if node is None or not (PROVIDER_DIR / "node_modules" / "oidc-provider").exists():
@@ -54,6 +68,7 @@ def start_provider(
     command = [node, "server.mjs", "--port", str(port or free_port()), "--alg", algorithm]
     if jwks_file is not None:
         command += ["--jwks-file", str(jwks_file)]
+    command += extra
     process = subprocess.Popen(
         command,
         cwd=PROVIDER_DIR,
@@ -74,7 +89,14 @@ def stop_provider(provider: Provider) -> None:
     provider.process.wait(timeout=10)
 
 
-def start_stack(workdir: Path, provider: Provider, audience: str, **issuer_settings: Any) -> Stack:
+def start_stack(
+    workdir: Path,
+    provider: Provider,
+    audience: str,
+    policies: list[dict[str, Any]] | None = None,
+    routes: list[dict[str, Any]] | None = None,
+    **issuer_settings: Any,
+) -> Stack:
     ports = StackPorts(
         envoy=free_port(),
         envoy_admin=free_port(),
@@ -93,8 +115,14 @@ def start_stack(workdir: Path, provider: Provider, audience: str, **issuer_setti
             **issuer_settings,
         }
     ]
-    sidecar["policies"] = [{"name": "default", "issuers": ["oidc-provider"]}]
-    stack = Stack(workdir=workdir, ports=ports, sidecar_config=sidecar, start_dev_issuer=False)
+    sidecar["policies"] = [{"name": "default", "issuers": ["oidc-provider"]}, *(policies or [])]
+    stack = Stack(
+        workdir=workdir,
+        ports=ports,
+        sidecar_config=sidecar,
+        extra_routes=routes or [],
+        start_dev_issuer=False,
+    )
     stack.start()
     return stack
 
@@ -183,6 +211,92 @@ def test_rotation_without_sidecar_restart(tmp_path: Path):
         assert decision_count(stack, "ok") == 3
         metrics = stack.metrics_text()
         assert 'ext_authz_jwks_unknown_kid_refetches_total{issuer="oidc-provider"} 1.0' in metrics
+    finally:
+        stack.stop()
+        stop_provider(provider)
+
+
+def introspection_settings(tmp_path: Path, cache_seconds: int) -> dict[str, Any]:
+    secret = tmp_path / "introspection-secret"
+    secret.write_text("ext-authz-secret\n")
+    return {
+        "introspection": {
+            "client_id": "ext-authz",
+            "client_secret_file": str(secret),
+            "cache_seconds": cache_seconds,
+        }
+    }
+
+
+def call(stack: Stack, path: str, token: str) -> int:
+    status, _, _ = send(stack.envoy_url, "GET", path, [("Authorization", f"Bearer {token}")])
+    return status
+
+
+def test_opaque_token_introspected(tmp_path: Path):
+    provider = start_provider("RS256", extra=("--token-format", "opaque"))
+    stack = start_stack(
+        tmp_path / "stack",
+        provider,
+        "Amplify Central",
+        policies=[{"name": "writers", "issuers": ["oidc-provider"], "required_scopes": ["write"]}],
+        routes=[policy_route("/write", "writers")],
+        **introspection_settings(tmp_path, cache_seconds=2),
+    )
+    try:
+        token = provider.token(scope="read")
+        assert token.count(".") != 2
+
+        assert call(stack, "/", token) == 200
+        # Same cached introspection result, evaluated against another policy.
+        assert call(stack, "/write", token) == 403
+        assert decision_count(stack, "scope_insufficient", policy="writers") == 1
+
+        provider.revoke(token)
+        time.sleep(2.2)
+
+        assert call(stack, "/", token) == 403
+        assert decision_count(stack, "token_inactive") == 1
+    finally:
+        stack.stop()
+        stop_provider(provider)
+
+
+def test_opaque_token_expiring_while_cached(tmp_path: Path):
+    provider = start_provider("RS256", extra=("--token-format", "opaque", "--token-ttl", "2"))
+    stack = start_stack(
+        tmp_path / "stack",
+        provider,
+        "Amplify Central",
+        **introspection_settings(tmp_path, cache_seconds=300),
+    )
+    try:
+        token = provider.token()
+        assert call(stack, "/", token) == 200
+
+        time.sleep(2.5)
+
+        # The cache entry ends at the token's exp, so the provider is asked
+        # again and reports the token inactive.
+        assert call(stack, "/", token) == 403
+        assert decision_count(stack, "token_inactive") == 1
+    finally:
+        stack.stop()
+        stop_provider(provider)
+
+
+def test_introspection_wrong_secret_fails_closed(tmp_path: Path):
+    provider = start_provider("RS256", extra=("--token-format", "opaque"))
+    settings = introspection_settings(tmp_path, cache_seconds=60)
+    Path(settings["introspection"]["client_secret_file"]).write_text("wrong-secret")
+    stack = start_stack(tmp_path / "stack", provider, "Amplify Central", **settings)
+    try:
+        token = provider.token()
+        assert call(stack, "/", token) == 503
+        assert decision_count(stack, "introspection_failed") == 1
+        log = stack.log_text("ext-authz")
+        assert token not in log
+        assert "wrong-secret" not in log
     finally:
         stack.stop()
         stop_provider(provider)

@@ -1,9 +1,11 @@
 // Local OpenID Connect provider (oidc-provider) for the interoperability tests.
 //
-// It issues client-credentials access tokens as signed JWTs whose "aud" is the
-// --audience value. It listens on 127.0.0.1 only, prints one line
-// "READY <issuer>" to stdout once it accepts connections, and writes every log
-// line and every oidc-provider warning to stderr.
+// It issues client-credentials access tokens whose "aud" is the --audience
+// value. They are signed JWTs by default. With --token-format opaque they are
+// random strings, and a second client, the resource server, looks them up at
+// the RFC 7662 introspection endpoint. The server listens on 127.0.0.1 only,
+// prints one line "READY <issuer>" to stdout once it accepts connections, and
+// writes every log line and every oidc-provider warning to stderr.
 //
 // Signing keys are generated at every start, or read from --jwks-file so that
 // tests can keep or rotate keys across restarts.
@@ -48,24 +50,37 @@ const SIGNING_KEY_TYPES = {
 // when it signs a token.
 const MIN_RSA_MODULUS_BITS = 2048;
 
+// Values of --token-format, passed on as the resource server's
+// accessTokenFormat.
+const TOKEN_FORMATS = ['jwt', 'opaque'];
+
 const USAGE = `Usage: node server.mjs --port PORT [options]
 
-Runs an OpenID Connect provider on http://127.0.0.1:PORT that issues JWT
-access tokens through the client_credentials grant.
+Runs an OpenID Connect provider on http://127.0.0.1:PORT that issues access
+tokens through the client_credentials grant, and serves token introspection
+(RFC 7662) and revocation (RFC 7009).
 
 Options:
   --port PORT           TCP port to listen on, 1-65535 (required)
   --audience VALUE      "aud" claim of issued access tokens (default: Amplify Central)
-  --client-id ID        client_id of the confidential client (default: interop-client)
+  --client-id ID        client_id of the client that requests tokens (default: interop-client)
   --client-secret VALUE client_secret of that client (default: interop-secret)
   --token-ttl SECONDS   access token lifetime in seconds (default: 300)
-  --alg ALG             JWS algorithm of access tokens: RS256 or ES256 (default: RS256)
+  --token-format FORMAT access token format: jwt (signed JWT) or opaque (random
+                        string that only introspection can resolve) (default: jwt)
+  --alg ALG             JWS algorithm of access tokens: RS256 or ES256 (default: RS256).
+                        With --token-format opaque it signs no access token.
   --jwks-file PATH      JSON file {"keys": [...]} of private JWKs to sign with instead
                         of generated keys. Each key needs "kid", "alg" (RS256 or
                         ES256) and "use": "sig", and at least one must have the
                         --alg algorithm. The first key in the file with that alg
                         signs access tokens. /jwks publishes every key, public
                         members only.
+  --introspection-client-id ID
+                        client_id of the resource server client, the only client
+                        that may introspect tokens (default: ext-authz)
+  --introspection-client-secret VALUE
+                        client_secret of that client (default: ext-authz-secret)
   --help                print this text and exit
 `;
 
@@ -94,8 +109,11 @@ function parseOptions(argv) {
         'client-id': { type: 'string', default: 'interop-client' },
         'client-secret': { type: 'string', default: 'interop-secret' },
         'token-ttl': { type: 'string', default: '300' },
+        'token-format': { type: 'string', default: 'jwt' },
         alg: { type: 'string', default: 'RS256' },
         'jwks-file': { type: 'string' },
+        'introspection-client-id': { type: 'string', default: 'ext-authz' },
+        'introspection-client-secret': { type: 'string', default: 'ext-authz-secret' },
         help: { type: 'boolean', default: false },
       },
     }));
@@ -120,12 +138,19 @@ function parseOptions(argv) {
     throw new UsageError(`invalid --token-ttl value ${JSON.stringify(values['token-ttl'])}: expected a positive number of seconds`);
   }
 
+  if (!TOKEN_FORMATS.includes(values['token-format'])) {
+    throw new UsageError(`invalid --token-format value ${JSON.stringify(values['token-format'])}: expected one of ${TOKEN_FORMATS.join(', ')}`);
+  }
+
   if (!Object.hasOwn(SIGNING_KEY_TYPES, values.alg)) {
     const supported = Object.keys(SIGNING_KEY_TYPES).join(', ');
     throw new UsageError(`invalid --alg value ${JSON.stringify(values.alg)}: expected one of ${supported}`);
   }
 
-  for (const name of ['audience', 'client-id', 'client-secret']) {
+  const credentialOptions = [
+    'client-id', 'client-secret', 'introspection-client-id', 'introspection-client-secret',
+  ];
+  for (const name of ['audience', ...credentialOptions]) {
     if (values[name].trim() === '') {
       throw new UsageError(`invalid --${name} value: it must not be empty`);
     }
@@ -133,10 +158,16 @@ function parseOptions(argv) {
 
   // oidc-provider rejects client credentials outside printable ASCII
   // (RFC 6749 Appendix A, VSCHAR), so such a client could never authenticate.
-  for (const name of ['client-id', 'client-secret']) {
+  for (const name of credentialOptions) {
     if (/[^\x20-\x7E]/.test(values[name])) {
       throw new UsageError(`invalid --${name} value: only printable ASCII characters are allowed`);
     }
+  }
+
+  // oidc-provider 9.13.3 throws at start-up on two static clients with the
+  // same client_id (lib/helpers/initialize_clients.js), so reject it here.
+  if (values['introspection-client-id'] === values['client-id']) {
+    throw new UsageError(`invalid --introspection-client-id value ${JSON.stringify(values['introspection-client-id'])}: it must differ from --client-id`);
   }
 
   // signingKeys stays undefined when keys are to be generated at start-up.
@@ -152,9 +183,12 @@ function parseOptions(argv) {
     clientId: values['client-id'],
     clientSecret: values['client-secret'],
     tokenTtl,
+    tokenFormat: values['token-format'],
     alg: values.alg,
     jwksFile: values['jwks-file'],
     signingKeys,
+    introspectionClientId: values['introspection-client-id'],
+    introspectionClientSecret: values['introspection-client-secret'],
   };
 }
 
@@ -330,9 +364,11 @@ function buildConfiguration(options) {
     scope: RESOURCE_SCOPE,
     audience: options.audience,
     accessTokenTTL: options.tokenTtl,
-    accessTokenFormat: 'jwt',
-    jwt: { sign: { alg: options.alg } },
+    accessTokenFormat: options.tokenFormat,
   };
+  if (options.tokenFormat === 'jwt') {
+    resourceServer.jwt = { sign: { alg: options.alg } };
+  }
 
   const client = {
     client_id: options.clientId,
@@ -351,8 +387,26 @@ function buildConfiguration(options) {
     client.id_token_signed_response_alg = options.alg;
   }
 
+  // The resource server (the sidecar) only calls the introspection endpoint.
+  // That endpoint authenticates clients by token_endpoint_auth_method and
+  // checks no grant type, so this client needs none.
+  const introspectionClient = {
+    client_id: options.introspectionClientId,
+    client_secret: options.introspectionClientSecret,
+    grant_types: [],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'client_secret_basic',
+  };
+  if (options.signingKeys !== undefined) {
+    // This client needs it for the same reason as the first one. Without it,
+    // a key file with only ES256 keys makes every introspection fail with
+    // invalid_client_metadata.
+    introspectionClient.id_token_signed_response_alg = options.alg;
+  }
+
   return {
-    clients: [client],
+    clients: [client, introspectionClient],
     jwks: { keys },
     scopes: RESOURCE_SCOPE.split(' '),
     ttl: {
@@ -364,6 +418,14 @@ function buildConfiguration(options) {
       // A client_credentials-only provider has no use for the built-in login
       // and consent pages, and oidc-provider warns at start-up when they are on.
       devInteractions: { enabled: false },
+      introspection: {
+        enabled: true,
+        allowedPolicy: createIntrospectionPolicy(options.introspectionClientId),
+      },
+      revocation: {
+        enabled: true,
+        allowedPolicy: revocationAllowedPolicy,
+      },
       resourceIndicators: {
         enabled: true,
         defaultResource: async () => RESOURCE_INDICATOR,
@@ -379,6 +441,33 @@ function buildConfiguration(options) {
   };
 }
 
+// Build the features.introspection.allowedPolicy hook. oidc-provider 9.13.3
+// calls it in lib/actions/introspection.js with the authenticated client and
+// the token it found. On false the response stays {"active": false}, and on
+// true it contains the token's details. The default policy lets every
+// confidential client introspect every token, so this one allows only the
+// resource server client, the caller that RFC 7662 describes.
+function createIntrospectionPolicy(introspectionClientId) {
+  return async (_ctx, client, token) => {
+    if (client.clientId === introspectionClientId) {
+      return true;
+    }
+    log(`introspection request by client ${client.clientId} for a token of client ${token.clientId} returned {"active": false}, because only client ${introspectionClientId} may introspect tokens`);
+    return false;
+  };
+}
+
+// Let only the client that a token was issued to revoke it (RFC 7009, section
+// 2.1). oidc-provider 9.13.3 calls this hook in lib/actions/revocation.js
+// before it deletes the token, and sends the InvalidRequest thrown here as a
+// 400 invalid_request response.
+async function revocationAllowedPolicy(_ctx, client, token) {
+  if (client.clientId !== token.clientId) {
+    throw new errors.InvalidRequest(`client ${client.clientId} may not revoke this token, because it was issued to another client`);
+  }
+  return true;
+}
+
 function logProviderEvents(provider) {
   provider.on('grant.success', (ctx) => {
     log(`issued access token to client ${ctx.oidc.client?.clientId}`);
@@ -388,6 +477,15 @@ function logProviderEvents(provider) {
     const clientId = ctx.oidc?.client?.clientId ?? '(unknown)';
     log(`token request for client_id ${clientId} failed: ${err.message} (${err.error_description ?? 'no description'})`);
   });
+  provider.on('client_credentials.destroyed', (token) => {
+    log(`revoked an access token of client ${token.clientId}`);
+  });
+  for (const endpoint of ['introspection', 'revocation']) {
+    provider.on(`${endpoint}.error`, (ctx, err) => {
+      const clientId = ctx.oidc?.client?.clientId ?? '(unknown)';
+      log(`${endpoint} request for client_id ${clientId} failed: ${err.message} (${err.error_description ?? 'no description'})`);
+    });
+  }
   provider.on('server_error', (_ctx, err) => {
     log(`server error: ${err.stack ?? err}`);
   });
@@ -428,6 +526,10 @@ function stopOnSignals(server) {
 
 function logFileSigningKeys(options) {
   const kids = options.signingKeys.map((jwk) => `${jwk.kid} (${jwk.alg})`).join(', ');
+  if (options.tokenFormat !== 'jwt') {
+    log(`signing keys from ${options.jwksFile}: ${kids}. Access tokens are ${options.tokenFormat}, so no key signs them`);
+    return;
+  }
   const tokenKid = options.signingKeys.find((jwk) => jwk.alg === options.alg).kid;
   log(`signing keys from ${options.jwksFile}: ${kids}. Access tokens are signed with kid ${JSON.stringify(tokenKid)}`);
 }
@@ -463,7 +565,7 @@ async function main() {
   }
 
   stopOnSignals(server);
-  log(`listening: issuer ${issuer}, client ${options.clientId}, audience ${JSON.stringify(options.audience)}, alg ${options.alg}, token TTL ${options.tokenTtl}s`);
+  log(`listening: issuer ${issuer}, client ${options.clientId}, introspection client ${options.introspectionClientId}, audience ${JSON.stringify(options.audience)}, token format ${options.tokenFormat}, alg ${options.alg}, token TTL ${options.tokenTtl}s`);
   if (options.signingKeys !== undefined) {
     logFileSigningKeys(options);
   }
