@@ -8,6 +8,7 @@ from typing import Any, TextIO
 
 from .config import Config
 from .credential import AUTHORIZATION
+from .decision import Decision
 from .issuer_keys import IssuerKeys
 from .metrics import Metrics
 from .reasons import Reason
@@ -76,13 +77,16 @@ def explain(config: Config, token: str, policy_name: str | None, out: TextIO = s
     return EXIT_ALLOW if decision.reason is Reason.OK else EXIT_DENY
 
 
-def _claims_for_display(decision: Any, token: str) -> tuple[dict[str, Any] | None, bool]:
+def _claims_for_display(decision: Decision, token: str) -> tuple[dict[str, Any] | None, bool]:
+    """Return the claims to print and whether the issuer vouched for them."""
     if decision.identity is not None:
         return decision.identity.claims, True
     try:
-        return parse_token(token).claims, False
+        claims = parse_token(token).claims
     except MalformedTokenError:
         return None, False
+    # A deny that names an issuer came after the signature verified.
+    return claims, decision.issuer_name is not None
 
 
 def _redacted(token: str) -> str:

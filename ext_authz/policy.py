@@ -12,7 +12,7 @@ from .reasons import Reason
 
 @dataclass(frozen=True)
 class Identity:
-    """Who is calling, as established by a token that passed every check."""
+    """The caller's identity, established by a token that passed every check."""
 
     issuer: IssuerConfig
     claims: dict[str, Any]
