@@ -107,13 +107,14 @@ def _serve(arguments: argparse.Namespace) -> int:
     from .server import SidecarServer, StartupError
 
     try:
-        config = load_config(resolve_config_path(arguments.config))
+        path = resolve_config_path(arguments.config)
+        config = load_config(path)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.logging.level, config.logging.format)
     try:
-        SidecarServer(config).serve_until_signal()
+        SidecarServer(config, config_path=path).serve_until_signal()
     except StartupError as error:
         log.error("%s", error)
         return 1

@@ -78,7 +78,10 @@ class ServerConfig:
     http_address: str = "0.0.0.0:9002"
     grpc_threads: int = 16
     shutdown_grace_seconds: float = 15.0
+    drain_seconds: float = 5.0
+    config_watch_seconds: float = 2.0
     require_keys_for_ready: bool = False
+    max_token_length: int = 8192
 
 
 @dataclass(frozen=True)
@@ -281,7 +284,10 @@ class _Parser:
                 "http_address",
                 "grpc_threads",
                 "shutdown_grace_seconds",
+                "drain_seconds",
+                "config_watch_seconds",
                 "require_keys_for_ready",
+                "max_token_length",
             },
         )
         defaults = ServerConfig()
@@ -301,8 +307,26 @@ class _Parser:
                 0,
                 600,
             ),
+            drain_seconds=self.number(
+                section.get("drain_seconds", defaults.drain_seconds),
+                "server.drain_seconds",
+                0,
+                300,
+            ),
+            config_watch_seconds=self.number(
+                section.get("config_watch_seconds", defaults.config_watch_seconds),
+                "server.config_watch_seconds",
+                0,
+                3600,
+            ),
             require_keys_for_ready=self.boolean(
                 section.get("require_keys_for_ready", False), "server.require_keys_for_ready"
+            ),
+            max_token_length=self.integer(
+                section.get("max_token_length", defaults.max_token_length),
+                "server.max_token_length",
+                256,
+                1024 * 1024,
             ),
         )
 

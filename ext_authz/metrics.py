@@ -57,6 +57,12 @@ class Metrics:
             ["issuer", "result"],
             registry=self.registry,
         )
+        self.config_reloads = Counter(
+            "ext_authz_config_reloads",
+            "Configuration reloads by result: ok, or invalid when the new file was rejected.",
+            ["result"],
+            registry=self.registry,
+        )
         self.jwks_age = Gauge(
             "ext_authz_jwks_age_seconds",
             "Seconds since the issuer's key set was last fetched successfully; -1 before that.",

@@ -1,19 +1,22 @@
-"""The sidecar process: start-up, serving, and shut-down on SIGTERM."""
+"""The sidecar process: start-up, serving, reload on SIGHUP or file change, and shut-down."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import signal
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .api.envoy.service.auth.v3 import external_auth_pb2_grpc
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .http_server import OperationsServer
 from .issuer_keys import IssuerKeys
 from .metrics import Metrics
@@ -34,12 +37,18 @@ class StartupError(Exception):
 class SidecarServer:
     """Owns the gRPC server, the operations HTTP server and the issuer key stores."""
 
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: Config, metrics: Metrics | None = None, config_path: Path | None = None
+    ) -> None:
         self.config = config
+        self.config_path = config_path
         self.metrics = metrics or Metrics()
         self.issuer_keys = {
             issuer.name: IssuerKeys(issuer, self.metrics) for issuer in config.issuers
         }
+        self.service = AuthorizationService(config, self.issuer_keys, self.metrics)
+        self._config_digest = _file_digest(config_path) if config_path else None
+        self._reload_lock = threading.Lock()
         self._health = health.HealthServicer()
         self._grpc: grpc.Server | None = None
         self._http: OperationsServer | None = None
@@ -59,9 +68,7 @@ class SidecarServer:
                 max_workers=config.server.grpc_threads, thread_name_prefix="check"
             )
         )
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationService(config, self.issuer_keys, self.metrics), self._grpc
-        )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         try:
             self.grpc_port = self._grpc.add_insecure_port(config.server.grpc_address)
@@ -100,13 +107,28 @@ class SidecarServer:
             _with_port(config.server.http_address, self.http_port),
             config.source,
         )
-        self._log_key_states()
+        # Report issuers whose keys are late from a thread, so start-up never waits.
+        threading.Thread(target=self._log_key_states, name="key-report", daemon=True).start()
 
-    def stop(self) -> None:
-        """Report NOT_SERVING, finish in-flight calls, then close everything."""
-        grace = self.config.server.shutdown_grace_seconds
-        log.info("shutting down: finishing in-flight Check calls (grace %.0f s)", grace)
+    def stop(self, drain: bool = True, wake: threading.Event | None = None) -> None:
+        """Report NOT_SERVING, keep answering while Envoy drains, then close everything.
+
+        Envoy and Kubernetes take a moment to notice NOT_SERVING, and calls
+        they send meanwhile still get answers for `server.drain_seconds`.
+        Then new calls are refused and calls in flight get up to
+        `server.shutdown_grace_seconds` to finish. Setting `wake` cuts the
+        drain short, for example on a second SIGTERM.
+        """
+        settings = self.config.server
         self._set_serving(False)
+        if drain and settings.drain_seconds > 0:
+            log.info(
+                "draining: answering Check calls for %g s more (server.drain_seconds)",
+                settings.drain_seconds,
+            )
+            (wake or threading.Event()).wait(settings.drain_seconds)
+        grace = settings.shutdown_grace_seconds
+        log.info("shutting down: finishing in-flight Check calls (grace %g s)", grace)
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
         if self._http is not None:
@@ -119,18 +141,94 @@ class SidecarServer:
             keys.stop()
 
     def serve_until_signal(self) -> None:
-        """Run until SIGTERM or SIGINT, then shut down gracefully."""
+        """Run until SIGTERM or SIGINT; reload on SIGHUP or when the config file changes."""
+        wake = threading.Event()
         stop_requested = threading.Event()
+        cut_drain = threading.Event()
+        reload_requested = threading.Event()
 
         def request_stop(signum: int, frame: FrameType | None) -> None:
             log.info("received %s", signal.Signals(signum).name)
+            if stop_requested.is_set():
+                cut_drain.set()  # A second signal ends the drain at once.
             stop_requested.set()
+            wake.set()
+
+        def request_reload(signum: int, frame: FrameType | None) -> None:
+            log.info("received SIGHUP: reloading the configuration")
+            reload_requested.set()
+            wake.set()
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGHUP, request_reload)
         self.start()
-        stop_requested.wait()
-        self.stop()
+
+        while not stop_requested.is_set():
+            watch = self.config.server.config_watch_seconds
+            wake.wait(watch if watch > 0 and self.config_path else None)
+            wake.clear()
+            if stop_requested.is_set():
+                break
+            if reload_requested.is_set():
+                reload_requested.clear()
+                self.reload()
+            elif self._config_file_changed():
+                log.info("the configuration file changed: reloading")
+                self.reload()
+        self.stop(wake=cut_drain)
+
+    def reload(self) -> bool:
+        """Load the config file again and switch to it; keep the old config when it is invalid."""
+        if self.config_path is None:
+            log.warning("reload requested, but the service was not started from a file")
+            return False
+        with self._reload_lock:
+            self._config_digest = _file_digest(self.config_path)
+            try:
+                new_config = load_config(self.config_path)
+            except ConfigError as error:
+                self.metrics.config_reloads.labels("invalid").inc()
+                log.error("reload rejected: %s; the previous configuration keeps serving", error)
+                return False
+            self._apply(new_config)
+            self.metrics.config_reloads.labels("ok").inc()
+            log.info("configuration reloaded from %s", self.config_path)
+            return True
+
+    def _apply(self, new_config: Config) -> None:
+        old = self.config
+        if new_config.server != old.server:
+            log.warning(
+                "server settings changed in the new configuration; they take effect after a "
+                "restart, the other changes apply now"
+            )
+            new_config = _with_server(new_config, old)
+
+        # Issuers with unchanged settings keep their cached keys.
+        kept: dict[str, IssuerKeys] = {}
+        for issuer in new_config.issuers:
+            current = self.issuer_keys.get(issuer.name)
+            if current is not None and current.config == issuer:
+                kept[issuer.name] = current
+            else:
+                fresh = IssuerKeys(issuer, self.metrics)
+                fresh.start()
+                kept[issuer.name] = fresh
+        retired = [keys for name, keys in self.issuer_keys.items() if kept.get(name) is not keys]
+
+        self.service.replace_config(new_config, kept)
+        self.issuer_keys = kept
+        self.config = new_config
+        logging.getLogger().setLevel(new_config.logging.level.upper())
+        for keys in retired:
+            keys.stop()
+        self._update_health()
+
+    def _config_file_changed(self) -> bool:
+        if self.config_path is None:
+            return False
+        return _file_digest(self.config_path) != self._config_digest
 
     def is_ready(self) -> bool:
         """Return whether the service is serving and, when required, every issuer has keys."""
@@ -173,6 +271,22 @@ class SidecarServer:
                 state.issuer,
                 state.last_error or "first fetch still running",
             )
+
+
+def _file_digest(path: Path) -> bytes | None:
+    """Return a hash of the file's content, following symlinks, or None when unreadable.
+
+    The content is compared, not the modification time, because Kubernetes
+    updates a ConfigMap volume by swapping a symlink to a new directory.
+    """
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError:
+        return None
+
+
+def _with_server(config: Config, previous: Config) -> Config:
+    return dataclasses.replace(config, server=previous.server)
 
 
 def _split_address(address: str) -> tuple[str, int]:

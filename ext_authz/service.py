@@ -12,7 +12,7 @@ import grpc
 from .api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from .api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 from .claims import ClaimError, client_id
-from .config import Config, PolicyConfig
+from .config import Config, DenyConfig, PolicyConfig
 from .credential import CredentialError, bearer_token
 from .decision import Decision
 from .introspection import Introspector
@@ -49,12 +49,20 @@ class DecisionEngine:
         issuer_keys: Mapping[str, IssuerKeys],
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        previous: DecisionEngine | None = None,
     ) -> None:
         self.config = config
         self._verifier = Verifier(issuer_keys)
         self._clock = clock
-        self._introspectors = {
-            issuer.name: Introspector(issuer, metrics)
+        # After a reload, an issuer whose settings did not change keeps its
+        # introspection cache.
+        kept = previous.introspectors if previous is not None else {}
+        self.introspectors = {
+            issuer.name: (
+                kept[issuer.name]
+                if issuer.name in kept and kept[issuer.name].config == issuer
+                else Introspector(issuer, metrics)
+            )
             for issuer in config.issuers
             if issuer.introspection is not None
         }
@@ -75,7 +83,7 @@ class DecisionEngine:
         _note(steps, "policy", True, f"policy {policy.name!r}")
 
         try:
-            token = bearer_token(view)
+            token = bearer_token(view, self.config.server.max_token_length)
         except CredentialError as error:
             _note(steps, "credential", False, error.detail)
             return Decision(error.reason, policy.name, policy, error.detail)
@@ -118,7 +126,7 @@ class DecisionEngine:
         # introspection endpoint of the policy's issuer, when one has it.
         if token.count(".") != 2:
             for issuer_name in policy.issuers:
-                introspector = self._introspectors.get(issuer_name)
+                introspector = self.introspectors.get(issuer_name)
                 if introspector is not None:
                     return introspector.introspect(token)
         return self._verifier.verify(token, policy.issuers)
@@ -130,39 +138,47 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
     def __init__(
         self, config: Config, issuer_keys: Mapping[str, IssuerKeys], metrics: Metrics
     ) -> None:
-        self._config = config
         self._metrics = metrics
         self.engine = DecisionEngine(config, issuer_keys, metrics)
 
+    def replace_config(self, config: Config, issuer_keys: Mapping[str, IssuerKeys]) -> None:
+        """Switch to a new configuration; calls in flight finish with the old one."""
+        # One attribute assignment, so each call sees either engine, never a mix.
+        self.engine = DecisionEngine(config, issuer_keys, self._metrics, previous=self.engine)
+
     def Check(self, request: CheckRequest, context: grpc.ServicerContext) -> CheckResponse:
         started = time.perf_counter()
+        engine = self.engine
+        deny = engine.config.deny
         view: RequestView | None = None
         try:
             view = view_request(request)
-            decision = self.engine.decide(view)
-            response = self._respond(decision, view)
+            decision = engine.decide(view)
+            response = self._respond(decision, view, deny)
         except Exception:
             log.exception("Check failed with an unexpected error; denying the request")
             decision = Decision(Reason.INTERNAL_ERROR, UNKNOWN_POLICY, detail="unexpected error")
-            response = build_response(decision, self._config.deny)
-            self._record(decision, view, "deny")
+            response = build_response(decision, deny)
+            self._record(decision, view, "deny", deny)
 
         self._metrics.check_duration.observe(time.perf_counter() - started)
         return response
 
-    def _respond(self, decision: Decision, view: RequestView) -> CheckResponse:
+    def _respond(self, decision: Decision, view: RequestView, deny: DenyConfig) -> CheckResponse:
         if decision.allowed:
-            self._record(decision, view, "allow")
-            return build_response(decision, self._config.deny)
+            self._record(decision, view, "allow", deny)
+            return build_response(decision, deny)
         if decision.policy is not None and decision.policy.dry_run:
             # Dry run: let the request through without identity headers and
             # count what enforcement would have denied.
-            self._record(decision, view, "dry_run_deny")
+            self._record(decision, view, "dry_run_deny", deny)
             return allow_response(decision.policy, None)
-        self._record(decision, view, "deny")
-        return build_response(decision, self._config.deny)
+        self._record(decision, view, "deny", deny)
+        return build_response(decision, deny)
 
-    def _record(self, decision: Decision, view: RequestView | None, outcome: str) -> None:
+    def _record(
+        self, decision: Decision, view: RequestView | None, outcome: str, deny: DenyConfig
+    ) -> None:
         self._metrics.decisions.labels(decision.policy_name, outcome, decision.reason.label).inc()
         if outcome == "allow":
             return
@@ -173,7 +189,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
             prefix,
             decision.policy_name,
             decision.reason.label,
-            http_status(decision.reason, self._config.deny),
+            http_status(decision.reason, deny),
             decision.issuer_name or "-",
             decision.client_id or "-",
             view.request_id if view else "-",

@@ -51,6 +51,12 @@ def parse_token(token: str) -> ParsedToken:
         # RFC 7515 §4.1.11: unknown critical extensions must be rejected, and
         # this service implements none.
         raise MalformedTokenError("the header has a 'crit' parameter")
+    if "b64" in header:
+        # RFC 7797: an unencoded payload changes what is signed.
+        raise MalformedTokenError("the header has a 'b64' parameter")
+    if isinstance(header.get("cty"), str) and header["cty"].upper() == "JWT":
+        # RFC 7519 §5.2: a nested token; its inner claims were never verified here.
+        raise MalformedTokenError("the token is a nested JWT (cty JWT)")
     return ParsedToken(
         header=header,
         claims=claims,

@@ -235,7 +235,7 @@ def test_readiness_waits_for_keys_when_required(issuer_server: IssuerServer):
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
         issuer_server.jwks_mode = "ok"
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while sidecar.get("/readyz")[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
 

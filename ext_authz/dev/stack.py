@@ -178,11 +178,19 @@ class Stack:
         self._wait_http("envoy", f"http://{LOOPBACK}:{ports.envoy_admin}/ready")
 
     def stop(self) -> None:
-        """Stop the processes in reverse start order: SIGTERM, then SIGKILL after 10 s."""
+        """Stop the processes in reverse start order: SIGTERM, then SIGKILL after 10 s.
+
+        The sidecar gets a second SIGTERM at once, which skips its drain period:
+        nothing is left to drain when the whole stack stops.
+        """
         for name in reversed(list(self.processes)):
             process = self.processes.pop(name)
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+                if name == "ext-authz":
+                    time.sleep(0.1)
+                    if process.poll() is None:
+                        process.send_signal(signal.SIGTERM)
                 try:
                     process.wait(timeout=10)
                 except subprocess.TimeoutExpired:
