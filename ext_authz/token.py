@@ -96,6 +96,11 @@ def _decode_segment(segment: str, name: str) -> bytes:
     if not _BASE64URL.fullmatch(segment) or len(segment) % 4 == 1:
         raise MalformedTokenError(f"the {name} is not unpadded base64url")
     try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     except (binascii.Error, ValueError):
         raise MalformedTokenError(f"the {name} is not unpadded base64url") from None
+    # The decoder ignores the spare low bits of the last character, so several
+    # strings decode to the same bytes; only the canonical one is accepted.
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=").decode("ascii") != segment:
+        raise MalformedTokenError(f"the {name} is not canonical base64url")
+    return decoded
