@@ -82,6 +82,7 @@ class ServerConfig:
     config_watch_seconds: float = 2.0
     require_keys_for_ready: bool = False
     max_token_length: int = 8192
+    verified_token_cache_size: int = 10000
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,7 @@ class _Parser:
                 "config_watch_seconds",
                 "require_keys_for_ready",
                 "max_token_length",
+                "verified_token_cache_size",
             },
         )
         defaults = ServerConfig()
@@ -321,6 +323,12 @@ class _Parser:
             ),
             require_keys_for_ready=self.boolean(
                 section.get("require_keys_for_ready", False), "server.require_keys_for_ready"
+            ),
+            verified_token_cache_size=self.integer(
+                section.get("verified_token_cache_size", defaults.verified_token_cache_size),
+                "server.verified_token_cache_size",
+                0,
+                10_000_000,
             ),
             max_token_length=self.integer(
                 section.get("max_token_length", defaults.max_token_length),

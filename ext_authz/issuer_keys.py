@@ -198,6 +198,10 @@ class IssuerKeys:
             raise FetchError(FetchResult.INVALID, f"GET {jwks_uri}: {error}") from None
 
         previous = self._key_set
+        if previous is not None and previous == key_set:
+            # Keep the same object when nothing changed: cached verifications
+            # are tied to the KeySet object they were made with.
+            key_set = previous
         self._key_set = key_set
         self._last_success = self._clock()
         self._last_error = None

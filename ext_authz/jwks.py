@@ -37,12 +37,16 @@ class KeySet:
     """The usable keys of one issuer, as fetched at one moment."""
 
     keys: tuple[VerificationKey, ...]
+    kids: frozenset[str | None] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kids", frozenset(key.kid for key in self.keys))
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def has_kid(self, kid: str) -> bool:
-        return any(key.kid == kid for key in self.keys)
+        return kid in self.kids
 
     def candidates(self, kid: str | None, algorithm: str) -> list[VerificationKey]:
         """Return the keys that may have signed a token with this `kid` and `alg`.

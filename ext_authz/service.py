@@ -52,7 +52,7 @@ class DecisionEngine:
         previous: DecisionEngine | None = None,
     ) -> None:
         self.config = config
-        self._verifier = Verifier(issuer_keys)
+        self._verifier = Verifier(issuer_keys, config.server.verified_token_cache_size)
         self._clock = clock
         # After a reload, an issuer whose settings did not change keeps its
         # introspection cache.

@@ -8,6 +8,9 @@ claims of an unverified token are not worth reporting on.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +19,7 @@ from jwt.algorithms import get_default_algorithms
 
 from .config import IssuerConfig
 from .issuer_keys import IssuerKeys
+from .jwks import KeySet
 from .reasons import Reason
 from .token import MalformedTokenError, parse_token
 
@@ -39,14 +43,79 @@ class VerificationError(Exception):
         self.detail = detail
 
 
+@dataclass(frozen=True)
+class _CachedVerification:
+    verified: VerifiedToken
+    key_set: KeySet  # the key set object the signature was verified with
+
+
+class VerifiedTokenCache:
+    """Bounded LRU of tokens whose signature verified, keyed by a SHA-256 hash of the token.
+
+    It stores verifications, never decisions: time, audience and policy checks
+    run on every request. An entry is used only while its issuer still has
+    the same KeySet object, so a key rotation, a removed key or stale keys
+    end it. Only verified tokens enter, so garbage tokens cannot evict them.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[bytes, _CachedVerification] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes) -> _CachedVerification | None:
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is not None:
+                self._entries.move_to_end(digest)
+            return entry
+
+    def put(self, digest: bytes, entry: _CachedVerification) -> None:
+        with self._lock:
+            self._entries[digest] = entry
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def discard(self, digest: bytes) -> None:
+        with self._lock:
+            self._entries.pop(digest, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class Verifier:
     """Verifies bearer JWTs against the issuers a policy trusts."""
 
-    def __init__(self, issuer_keys: Mapping[str, IssuerKeys]) -> None:
+    def __init__(self, issuer_keys: Mapping[str, IssuerKeys], cache_size: int = 0) -> None:
         self._by_url = {keys.config.issuer: keys for keys in issuer_keys.values()}
+        self._by_name = dict(issuer_keys)
+        self.cache = VerifiedTokenCache(cache_size) if cache_size > 0 else None
 
     def verify(self, token: str, trusted_issuers: Sequence[str]) -> VerifiedToken:
         """Return the token's issuer and claims once its signature verifies."""
+        if self.cache is None:
+            return self._verify(token, trusted_issuers)[0]
+
+        digest = hashlib.sha256(token.encode()).digest()
+        entry = self.cache.get(digest)
+        if entry is not None:
+            issuer = entry.verified.issuer
+            keys = self._by_name.get(issuer.name)
+            if keys is not None and keys.config is issuer and keys.keys is entry.key_set:
+                if issuer.name not in trusted_issuers:
+                    raise VerificationError(Reason.ISSUER_UNTRUSTED, "iss is not a trusted issuer")
+                return entry.verified
+            self.cache.discard(digest)
+
+        verified, key_set = self._verify(token, trusted_issuers)
+        self.cache.put(digest, _CachedVerification(verified, key_set))
+        return verified
+
+    def _verify(self, token: str, trusted_issuers: Sequence[str]) -> tuple[VerifiedToken, KeySet]:
+        """Verify the token; return it with the key set that verified its signature."""
+
         try:
             parsed = parse_token(token)
         except MalformedTokenError as error:
@@ -68,8 +137,10 @@ class Verifier:
         if kid is not None and not isinstance(kid, str):
             raise VerificationError(Reason.TOKEN_MALFORMED, "kid is not a string")
 
-        self._check_signature(keys, kid, algorithm, parsed.signing_input, parsed.signature)
-        return VerifiedToken(issuer=issuer, claims=parsed.claims)
+        key_set = self._check_signature(
+            keys, kid, algorithm, parsed.signing_input, parsed.signature
+        )
+        return VerifiedToken(issuer=issuer, claims=parsed.claims), key_set
 
     def _check_signature(
         self,
@@ -78,7 +149,7 @@ class Verifier:
         algorithm: str,
         signing_input: bytes,
         signature: bytes,
-    ) -> None:
+    ) -> KeySet:
         key_set = keys.keys
         if key_set is None or (kid is not None and not key_set.has_kid(kid)):
             # Unknown kid: the issuer may have rotated its keys since the last fetch.
@@ -94,5 +165,5 @@ class Verifier:
         verifier = _ALGORITHMS[algorithm]
         for candidate in candidates:
             if verifier.verify(signing_input, candidate.key, signature):
-                return
+                return key_set
         raise VerificationError(Reason.SIGNATURE_INVALID, "the signature does not verify")
