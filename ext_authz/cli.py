@@ -113,6 +113,10 @@ def _serve(arguments: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.logging.level, config.logging.format)
+    if config.server.workers > 1:
+        from .workers import Supervisor
+
+        return Supervisor(config, path).run()
     try:
         SidecarServer(config, config_path=path).serve_until_signal()
     except StartupError as error:

@@ -77,6 +77,7 @@ class ServerConfig:
     grpc_address: str = "0.0.0.0:9001"
     http_address: str = "0.0.0.0:9002"
     grpc_threads: int = 16
+    workers: int = 1
     shutdown_grace_seconds: float = 15.0
     drain_seconds: float = 5.0
     config_watch_seconds: float = 2.0
@@ -284,6 +285,7 @@ class _Parser:
                 "grpc_address",
                 "http_address",
                 "grpc_threads",
+                "workers",
                 "shutdown_grace_seconds",
                 "drain_seconds",
                 "config_watch_seconds",
@@ -300,6 +302,7 @@ class _Parser:
             http_address=self.address(
                 section.get("http_address", defaults.http_address), "server.http_address"
             ),
+            workers=self.integer(section.get("workers", defaults.workers), "server.workers", 1, 64),
             grpc_threads=self.integer(
                 section.get("grpc_threads", defaults.grpc_threads), "server.grpc_threads", 1, 1024
             ),

@@ -6,16 +6,15 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from .issuer_keys import KeyState
-from .metrics import Metrics
+from prometheus_client import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
+
+# Returns whether the service is ready, and the JSON body of /readyz.
+Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 
 
 class OperationsServer:
@@ -24,11 +23,10 @@ class OperationsServer:
     def __init__(
         self,
         address: tuple[str, int],
-        metrics: Metrics,
-        is_ready: Callable[[], bool],
-        key_states: Callable[[], list[KeyState]],
+        metrics_text: Callable[[], bytes],
+        readiness: Readiness,
     ) -> None:
-        handler = _make_handler(metrics, is_ready, key_states)
+        handler = _make_handler(metrics_text, readiness)
         self._server = ThreadingHTTPServer(address, handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -48,9 +46,7 @@ class OperationsServer:
 
 
 def _make_handler(
-    metrics: Metrics,
-    is_ready: Callable[[], bool],
-    key_states: Callable[[], list[KeyState]],
+    metrics_text: Callable[[], bytes], readiness: Readiness
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "ext-authz"
@@ -62,27 +58,16 @@ def _make_handler(
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
+                self._send(200, CONTENT_TYPE_LATEST, metrics_text())
             elif path == "/healthz":
                 self._send_json(200, {"status": "alive"})
             elif path == "/readyz":
-                self._readyz()
+                ready, body = readiness()
+                self._send_json(200 if ready else 503, body)
             else:
                 self._send_json(
                     404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz"]}
                 )
-
-        def _readyz(self) -> None:
-            # Ready means the gRPC server is serving. By default key state is
-            # only reported: one broken issuer must not take every API of the
-            # pod out of service. server.require_keys_for_ready makes
-            # readiness wait for each issuer's first successful load.
-            ready = is_ready()
-            body = {
-                "status": "ready" if ready else "not ready",
-                "issuers": [asdict(state) for state in key_states()],
-            }
-            self._send_json(200 if ready else 503, body)
 
         def _send_json(self, status: int, body: dict[str, Any]) -> None:
             self._send(status, "application/json", json.dumps(body).encode())

@@ -30,6 +30,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _FieldFilter(logging.Filter):
+    def __init__(self, name: str, value: object) -> None:
+        super().__init__()
+        self.field_name, self.value = name, value
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        setattr(record, self.field_name, self.value)
+        return True
+
+
+def add_log_field(name: str, value: object) -> None:
+    """Add a field to every log record of this process, such as a worker number."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_FieldFilter(name, value))
+        if not isinstance(handler.formatter, JsonFormatter):
+            handler.setFormatter(
+                logging.Formatter(
+                    f"%(asctime)s %(levelname)s %(name)s [{name} {value}]: %(message)s"
+                )
+            )
+
+
 def configure_logging(level: str, format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if format == "json":

@@ -8,12 +8,15 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import generate_latest
 
 from .api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from .config import Config, ConfigError, load_config
@@ -38,8 +41,16 @@ class SidecarServer:
     """Owns the gRPC server, the operations HTTP server and the issuer key stores."""
 
     def __init__(
-        self, config: Config, metrics: Metrics | None = None, config_path: Path | None = None
+        self,
+        config: Config,
+        metrics: Metrics | None = None,
+        config_path: Path | None = None,
+        adjust: Callable[[Config], Config] | None = None,
     ) -> None:
+        # `adjust` rewrites each loaded config before use; a worker process
+        # uses it to move its gRPC port, on reloads too.
+        self._adjust = adjust or (lambda loaded: loaded)
+        config = self._adjust(config)
         self.config = config
         self.config_path = config_path
         self.metrics = metrics or Metrics()
@@ -49,6 +60,8 @@ class SidecarServer:
         self.service = AuthorizationService(config, self.issuer_keys, self.metrics)
         self._config_digest = _file_digest(config_path) if config_path else None
         self._reload_lock = threading.Lock()
+        # Called once serving has started; a worker process reports its port with it.
+        self.on_started: Callable[[], None] | None = None
         self._health = health.HealthServicer()
         self._grpc: grpc.Server | None = None
         self._http: OperationsServer | None = None
@@ -84,9 +97,8 @@ class SidecarServer:
         try:
             self._http = OperationsServer(
                 (host, port),
-                self.metrics,
-                is_ready=self.is_ready,
-                key_states=lambda: [keys.state() for keys in self.issuer_keys.values()],
+                metrics_text=lambda: generate_latest(self.metrics.registry),
+                readiness=self.readiness,
             )
         except OSError as error:
             self._grpc.stop(None)
@@ -109,6 +121,8 @@ class SidecarServer:
         )
         # Report issuers whose keys are late from a thread, so start-up never waits.
         threading.Thread(target=self._log_key_states, name="key-report", daemon=True).start()
+        if self.on_started is not None:
+            self.on_started()
 
     def stop(self, drain: bool = True, wake: threading.Event | None = None) -> None:
         """Report NOT_SERVING, keep answering while Envoy drains, then close everything.
@@ -186,7 +200,7 @@ class SidecarServer:
         with self._reload_lock:
             self._config_digest = _file_digest(self.config_path)
             try:
-                new_config = load_config(self.config_path)
+                new_config = self._adjust(load_config(self.config_path))
             except ConfigError as error:
                 self.metrics.config_reloads.labels("invalid").inc()
                 log.error("reload rejected: %s; the previous configuration keeps serving", error)
@@ -229,6 +243,21 @@ class SidecarServer:
         if self.config_path is None:
             return False
         return _file_digest(self.config_path) != self._config_digest
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Return readiness and the /readyz body: status and each issuer's key state.
+
+        Ready means the gRPC server is serving. By default key state is only
+        reported: one broken issuer must not take every API of the pod out of
+        service. server.require_keys_for_ready makes readiness wait for each
+        issuer's first successful load.
+        """
+        ready = self.is_ready()
+        body = {
+            "status": "ready" if ready else "not ready",
+            "issuers": [dataclasses.asdict(keys.state()) for keys in self.issuer_keys.values()],
+        }
+        return ready, body
 
     def is_ready(self) -> bool:
         """Return whether the service is serving and, when required, every issuer has keys."""
