@@ -76,6 +76,7 @@ class ConfigError(Exception):
 class ServerConfig:
     grpc_address: str = "0.0.0.0:9001"
     http_address: str = "0.0.0.0:9002"
+    http_authz_address: str | None = None
     grpc_threads: int = 16
     workers: int = 1
     shutdown_grace_seconds: float = 15.0
@@ -284,6 +285,7 @@ class _Parser:
             {
                 "grpc_address",
                 "http_address",
+                "http_authz_address",
                 "grpc_threads",
                 "workers",
                 "shutdown_grace_seconds",
@@ -303,6 +305,11 @@ class _Parser:
                 section.get("http_address", defaults.http_address), "server.http_address"
             ),
             workers=self.integer(section.get("workers", defaults.workers), "server.workers", 1, 64),
+            http_authz_address=(
+                self.address(section["http_authz_address"], "server.http_authz_address")
+                if section.get("http_authz_address") is not None
+                else None
+            ),
             grpc_threads=self.integer(
                 section.get("grpc_threads", defaults.grpc_threads), "server.grpc_threads", 1, 1024
             ),

@@ -134,6 +134,12 @@ class IssuerKeys:
         `kid` values costs the issuer at most one request per interval.
         """
         name = self.config.name
+        if self._key_set is None and self._fetch_lock.locked():
+            # The first load is still running: wait for it instead of
+            # starting another fetch, within the same bound.
+            if self._fetch_lock.acquire(timeout=self.config.refetch_wait_seconds):
+                self._fetch_lock.release()
+            return
         with self._state_lock:
             done = self._refetch_done
             if done is None:

@@ -51,27 +51,48 @@ def http_status(reason: Reason, deny: DenyConfig) -> int:
     return _FIXED_STATUS.get(reason.status_kind, deny.authentication_status)
 
 
-def allow_response(policy: PolicyConfig, identity: Identity | None) -> CheckResponse:
-    """Return an OK response that sets the policy's identity headers and removes spoofed ones.
+def upstream_headers(
+    policy: PolicyConfig, identity: Identity | None
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Return the identity headers to set upstream and the headers to remove.
 
     With `identity` None (a dry-run deny), every identity header is removed
-    and none is set.
+    and none is set. Removing the ones not set keeps client copies out.
     """
-    ok = OkHttpResponse()
-    set_names: set[str] = set()
+    to_set: list[tuple[str, str]] = []
     if identity is not None:
         for name, source in policy.headers:
             text = header_text(_identity_value(identity, source))
             if text is not None:
-                ok.headers.append(_header(name, text))
-                set_names.add(name)
-
-    for name in dict.fromkeys([*_DEFAULT_HEADER_NAMES, *(name for name, _ in policy.headers)]):
-        if name not in set_names:
-            ok.headers_to_remove.append(name)
+                to_set.append((name, text))
+    set_names = {name for name, _ in to_set}
+    names = dict.fromkeys([*_DEFAULT_HEADER_NAMES, *(name for name, _ in policy.headers)])
+    to_remove = [name for name in names if name not in set_names]
     if not policy.forward_token:
-        ok.headers_to_remove.append("authorization")
+        to_remove.append("authorization")
+    return to_set, to_remove
 
+
+def deny_parts(
+    reason: Reason, policy_name: str, policy: PolicyConfig | None, deny: DenyConfig
+) -> tuple[int, str, str]:
+    """Return the HTTP status, the WWW-Authenticate challenge and the JSON body of a deny."""
+    challenge = f'Bearer realm="{policy_name}"'
+    # RFC 6750 §3.1: a request without credentials gets no error attribute.
+    if reason is not Reason.TOKEN_MISSING and reason.error_code is not None:
+        challenge += f', error="{reason.error_code}", error_description="{reason.description}"'
+    if reason is Reason.SCOPE_INSUFFICIENT and policy is not None:
+        challenge += f', scope="{" ".join(policy.required_scopes)}"'
+    body = json.dumps({"error": reason.error_code, "error_description": reason.description})
+    return http_status(reason, deny), challenge, body
+
+
+def allow_response(policy: PolicyConfig, identity: Identity | None) -> CheckResponse:
+    """Return an OK response that sets the policy's identity headers and removes spoofed ones."""
+    to_set, to_remove = upstream_headers(policy, identity)
+    ok = OkHttpResponse(
+        headers=[_header(name, value) for name, value in to_set], headers_to_remove=to_remove
+    )
     response = CheckResponse(ok_response=ok)
     response.status.code = 0
     if identity is not None:
@@ -82,16 +103,9 @@ def allow_response(policy: PolicyConfig, identity: Identity | None) -> CheckResp
 def deny_response(
     reason: Reason, policy_name: str, policy: PolicyConfig | None, deny: DenyConfig
 ) -> CheckResponse:
-    challenge = f'Bearer realm="{policy_name}"'
-    # RFC 6750 §3.1: a request without credentials gets no error attribute.
-    if reason is not Reason.TOKEN_MISSING and reason.error_code is not None:
-        challenge += f', error="{reason.error_code}", error_description="{reason.description}"'
-    if reason is Reason.SCOPE_INSUFFICIENT and policy is not None:
-        challenge += f', scope="{" ".join(policy.required_scopes)}"'
-    body = json.dumps({"error": reason.error_code, "error_description": reason.description})
-
+    status, challenge, body = deny_parts(reason, policy_name, policy, deny)
     denied = DeniedHttpResponse(
-        status=HttpStatus(code=http_status(reason, deny)),  # type: ignore[arg-type]
+        status=HttpStatus(code=status),  # type: ignore[arg-type]
         headers=[
             _header("www-authenticate", challenge),
             _header("content-type", "application/json"),

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +21,9 @@ from prometheus_client import generate_latest
 from .api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from .config import Config, ConfigError, load_config
 from .http_server import OperationsServer
+
+if TYPE_CHECKING:
+    from .http_authz import HttpAuthzServer
 from .issuer_keys import IssuerKeys
 from .metrics import Metrics
 from .service import AuthorizationService
@@ -65,6 +68,8 @@ class SidecarServer:
         self._health = health.HealthServicer()
         self._grpc: grpc.Server | None = None
         self._http: OperationsServer | None = None
+        self._http_authz: HttpAuthzServer | None = None
+        self.http_authz_port = 0
         self._serving = False
         self.grpc_port = 0
         self.http_port = 0
@@ -92,6 +97,8 @@ class SidecarServer:
                 "the address is in use or not local; choose another address"
             ) from None
         self._grpc.start()
+        if config.server.http_authz_address is not None:
+            self._start_http_authz(config.server.http_authz_address)
 
         host, port = _split_address(config.server.http_address)
         try:
@@ -124,6 +131,24 @@ class SidecarServer:
         if self.on_started is not None:
             self.on_started()
 
+    def _start_http_authz(self, address: str) -> None:
+        from .http_authz import HttpAuthzServer
+
+        host, port = _split_address(address)
+        self._http_authz = HttpAuthzServer(self.service, host, port)
+        try:
+            self._http_authz.start()
+        except OSError as error:
+            assert self._grpc is not None
+            self._grpc.stop(None)
+            self._stop_key_threads()
+            raise StartupError(
+                f"cannot listen on {address} (server.http_authz_address): "
+                f"{error.strerror or error}; choose another address"
+            ) from None
+        self.http_authz_port = self._http_authz.port
+        log.info("serving HTTP ext_authz on %s", _with_port(address, self.http_authz_port))
+
     def stop(self, drain: bool = True, wake: threading.Event | None = None) -> None:
         """Report NOT_SERVING, keep answering while Envoy drains, then close everything.
 
@@ -143,6 +168,8 @@ class SidecarServer:
             (wake or threading.Event()).wait(settings.drain_seconds)
         grace = settings.shutdown_grace_seconds
         log.info("shutting down: finishing in-flight Check calls (grace %g s)", grace)
+        if self._http_authz is not None:
+            self._http_authz.stop()
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
         if self._http is not None:

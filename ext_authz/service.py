@@ -148,33 +148,43 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
 
     def Check(self, request: CheckRequest, context: grpc.ServicerContext) -> CheckResponse:
         started = time.perf_counter()
-        engine = self.engine
-        deny = engine.config.deny
-        view: RequestView | None = None
+        deny = self.engine.config.deny
         try:
-            view = view_request(request)
-            decision = engine.decide(view)
-            response = self._respond(decision, view, deny)
+            outcome = self.evaluate(view_request(request))
+            response = _grpc_response(outcome)
         except Exception:
-            log.exception("Check failed with an unexpected error; denying the request")
-            decision = Decision(Reason.INTERNAL_ERROR, UNKNOWN_POLICY, detail="unexpected error")
-            response = build_response(decision, deny)
-            self._record(decision, view, "deny", deny)
-
+            outcome = self.internal_error(None, deny)
+            response = build_response(outcome.decision, deny)
         self._metrics.check_duration.observe(time.perf_counter() - started)
         return response
 
-    def _respond(self, decision: Decision, view: RequestView, deny: DenyConfig) -> CheckResponse:
+    def evaluate(self, view: RequestView) -> Outcome:
+        """Decide on one request, count it and log a deny; used by both front ends."""
+        engine = self.engine
+        deny = engine.config.deny
+        try:
+            decision = engine.decide(view)
+        except Exception:
+            return self.internal_error(view, deny)
         if decision.allowed:
-            self._record(decision, view, "allow", deny)
-            return build_response(decision, deny)
-        if decision.policy is not None and decision.policy.dry_run:
+            label = "allow"
+        elif decision.policy is not None and decision.policy.dry_run:
             # Dry run: let the request through without identity headers and
             # count what enforcement would have denied.
-            self._record(decision, view, "dry_run_deny", deny)
-            return allow_response(decision.policy, None)
+            label = "dry_run_deny"
+        else:
+            label = "deny"
+        self._record(decision, view, label, deny)
+        return Outcome(decision, label, deny)
+
+    def internal_error(self, view: RequestView | None, deny: DenyConfig) -> Outcome:
+        log.exception("Check failed with an unexpected error; denying the request")
+        decision = Decision(Reason.INTERNAL_ERROR, UNKNOWN_POLICY, detail="unexpected error")
         self._record(decision, view, "deny", deny)
-        return build_response(decision, deny)
+        return Outcome(decision, "deny", deny)
+
+    def observe_duration(self, seconds: float) -> None:
+        self._metrics.check_duration.observe(seconds)
 
     def _record(
         self, decision: Decision, view: RequestView | None, outcome: str, deny: DenyConfig
@@ -204,6 +214,23 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
                 "detail": decision.detail,
             },
         )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A decision with its metric label (allow, deny or dry_run_deny) and the deny settings."""
+
+    decision: Decision
+    label: str
+    deny: DenyConfig
+
+
+def _grpc_response(outcome: Outcome) -> CheckResponse:
+    decision = outcome.decision
+    if outcome.label == "dry_run_deny":
+        assert decision.policy is not None
+        return allow_response(decision.policy, None)
+    return build_response(decision, outcome.deny)
 
 
 def _client_id_for_log(verified: VerifiedToken) -> str | None:

@@ -12,6 +12,7 @@ does not support forking a process that has started gRPC threads. It serves
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_SECONDS = 30.0
 RESTART_DELAY_SECONDS = 1.0
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # More restarts than this within RESTART_WINDOW_SECONDS stop the supervisor,
 # so a worker that cannot start (a taken port) does not loop forever.
 MAX_RESTARTS = 5
@@ -48,14 +50,23 @@ _GAUGE_MERGE = {"ext_authz_jwks_keys": min, "ext_authz_jwks_age_seconds": max}
 
 
 def worker_config(config: Config, index: int) -> Config:
-    """Return the config of worker `index`: gRPC port plus index, operations port internal."""
-    host, _, port = config.server.grpc_address.rpartition(":")
+    """Return the config of worker `index`: Check ports plus index, operations port internal."""
     server = dataclasses.replace(
         config.server,
-        grpc_address=f"{host}:{int(port) + index}",
+        grpc_address=_shift_port(config.server.grpc_address, index),
         http_address="127.0.0.1:0",
+        http_authz_address=(
+            _shift_port(config.server.http_authz_address, index)
+            if config.server.http_authz_address
+            else None
+        ),
     )
     return dataclasses.replace(config, server=server)
+
+
+def _shift_port(address: str, offset: int) -> str:
+    host, _, port = address.rpartition(":")
+    return f"{host}:{int(port) + offset}"
 
 
 def _run_worker(config: Config, config_path: Path | None, index: int, pipe: Connection) -> None:
@@ -63,6 +74,7 @@ def _run_worker(config: Config, config_path: Path | None, index: int, pipe: Conn
     from .server import SidecarServer, StartupError
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # The supervisor sends SIGTERM.
+    _terminate_with_parent()
     add_log_field("worker", index)
     server = SidecarServer(
         config,
@@ -287,6 +299,18 @@ def _escape(value: str) -> str:
 
 def _escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _terminate_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when the supervisor dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.debug("prctl(PR_SET_PDEATHSIG) is not available; workers outlive a killed supervisor")
+    if os.getppid() == 1:
+        # The supervisor died before prctl took effect.
+        raise SystemExit(1)
 
 
 def _signal(pid: int, signum: signal.Signals) -> None:

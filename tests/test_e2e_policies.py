@@ -20,8 +20,11 @@ pytestmark = pytest.mark.e2e
 signers: dict[str, SigningKey] = {}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The stack, once with Envoy calling the gRPC front end and once the HTTP one."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     key_file = tmp_path_factory.mktemp("issuer") / "signing-key.pem"
     key_file.write_bytes(
@@ -31,7 +34,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             serialization.NoEncryption(),
         )
     )
-    ports = StackPorts(*(free_port() for _ in range(6)))
+    ports = StackPorts(*(free_port() for _ in range(7)))
     sidecar: dict[str, Any] = local_sidecar_config(ports)
     sidecar["applications"] = [
         {"name": "billing-app", "client_ids": ["0oa-billing"]},
@@ -62,6 +65,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             policy_route("/shadow", "shadow"),
         ],
         issuer_key_file=key_file,
+        front_end=request.param,
+        upstream_headers=("x-user-email", "x-app"),
     )
     started.start()
     signers[started.envoy_url] = SigningKey(_dev_kid(started), "RS256", key)

@@ -83,8 +83,12 @@ def workers(tmp_path: Path, issuer_server: IssuerServer) -> Iterator[tuple[Sidec
         time.sleep(0.1)
     yield supervisor, base
     if process.poll() is None:
-        process.kill()
-        process.wait()
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def check_on(port: int, token: str) -> int:

@@ -39,6 +39,7 @@ class StackPorts:
     http: int = 9002
     issuer: int = 9000
     upstream: int = 8081
+    http_authz: int = 9003
 
 
 def envoy_binary() -> str:
@@ -53,12 +54,17 @@ def envoy_binary() -> str:
 
 
 def local_envoy_config(
-    ports: StackPorts, extra_routes: list[dict[str, Any]] | None = None
+    ports: StackPorts,
+    extra_routes: list[dict[str, Any]] | None = None,
+    front_end: str = "grpc",
+    upstream_headers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Return deploy/envoy.yaml with loopback addresses and the given ports.
 
     `extra_routes` go before the catch-all route, for example a route that
     selects another policy through `check_settings.context_extensions`.
+    With `front_end` "http", Envoy talks to the sidecar's HTTP ext_authz
+    front end instead of gRPC; see use_http_front_end.
     """
     config = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
     config["admin"]["address"]["socket_address"] = {
@@ -80,7 +86,93 @@ def local_envoy_config(
             "address": LOOPBACK,
             "port_value": cluster_ports[cluster["name"]],
         }
+    if front_end == "http":
+        use_http_front_end(config, LOOPBACK, ports.http_authz, upstream_headers)
     return config
+
+
+HTTP_FRONT_END_CLUSTER = "ext_authz_http"
+POLICY_HEADER = "x-ext-authz-policy"
+
+
+def http_service(
+    address: str, port: int, policy: str | None = None, upstream_headers: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Return the ext_authz `http_service` settings for the sidecar's HTTP front end.
+
+    `upstream_headers` names the policies' own identity headers, besides x-auth-*.
+    """
+    service: dict[str, Any] = {
+        "server_uri": {
+            "uri": f"http://{address}:{port}",
+            "cluster": HTTP_FRONT_END_CLUSTER,
+            "timeout": "0.5s",
+        },
+        "authorization_request": {
+            # Envoy always sends Host, Method, Path, Content-Length and
+            # Authorization; x-request-id makes deny log lines traceable.
+            "allowed_headers": {"patterns": [{"exact": "x-request-id"}]},
+        },
+        "authorization_response": {
+            # Identity headers to copy upstream; add the names of a policy's
+            # own `headers:` here.
+            "allowed_upstream_headers": {
+                "patterns": [{"prefix": "x-auth-"}, *({"exact": name} for name in upstream_headers)]
+            },
+            "allowed_client_headers": {
+                "patterns": [{"exact": "www-authenticate"}, {"exact": "content-type"}]
+            },
+        },
+    }
+    if policy is not None:
+        service["authorization_request"]["headers_to_add"] = [
+            {"key": POLICY_HEADER, "value": policy}
+        ]
+    return service
+
+
+def use_http_front_end(
+    config: dict[str, Any], address: str, port: int, upstream_headers: tuple[str, ...] = ()
+) -> None:
+    """Point an Envoy config at the HTTP front end instead of gRPC, in place.
+
+    The filter gets an `http_service` and keeps its failure settings. Each
+    per-route `context_extensions` policy becomes a per-route `http_service`
+    that adds the policy header, because context extensions exist only in
+    the gRPC protocol.
+    """
+    listener = config["static_resources"]["listeners"][0]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    for http_filter in manager["http_filters"]:
+        if http_filter["name"] == "envoy.filters.http.ext_authz":
+            settings = http_filter["typed_config"]
+            settings.pop("grpc_service", None)
+            settings.pop("transport_api_version", None)
+            settings["http_service"] = http_service(address, port, None, upstream_headers)
+
+    def convert(per_filter: dict[str, Any]) -> None:
+        check = per_filter.get("envoy.filters.http.ext_authz", {}).get("check_settings")
+        if check and "context_extensions" in check:
+            policy = check.pop("context_extensions").get("policy")
+            check["http_service"] = http_service(address, port, policy, upstream_headers)
+
+    for host in manager["route_config"]["virtual_hosts"]:
+        convert(host.get("typed_per_filter_config", {}))
+        for route in host["routes"]:
+            convert(route.get("typed_per_filter_config", {}))
+
+    endpoint = {"address": {"socket_address": {"address": address, "port_value": port}}}
+    config["static_resources"]["clusters"].append(
+        {
+            "name": HTTP_FRONT_END_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": HTTP_FRONT_END_CLUSTER,
+                "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+            },
+        }
+    )
 
 
 def local_sidecar_config(ports: StackPorts) -> dict[str, Any]:
@@ -118,6 +210,8 @@ class Stack:
     extra_routes: list[dict[str, Any]] = field(default_factory=list)
     issuer_key_file: Path | None = None
     start_dev_issuer: bool = True
+    front_end: str = "grpc"  # or "http": Envoy uses the sidecar's HTTP front end
+    upstream_headers: tuple[str, ...] = ()  # policy headers Envoy copies, for the HTTP front end
     sidecar_stderr_to_console: bool = False
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -158,7 +252,9 @@ class Stack:
         self._wait_http("upstream", f"http://{LOOPBACK}:{ports.upstream}/")
 
         sidecar_file = self.workdir / "ext-authz.yaml"
-        sidecar_config = self.sidecar_config or local_sidecar_config(ports)
+        sidecar_config = copy.deepcopy(self.sidecar_config or local_sidecar_config(ports))
+        if self.front_end == "http":
+            sidecar_config["server"]["http_authz_address"] = f"{LOOPBACK}:{ports.http_authz}"
         sidecar_file.write_text(yaml.safe_dump(sidecar_config, sort_keys=False))
         self._spawn(
             "ext-authz",
@@ -168,9 +264,10 @@ class Stack:
         self._wait_http("ext-authz", f"{self.sidecar_url}/readyz")
 
         envoy_file = self.workdir / "envoy.yaml"
-        envoy_file.write_text(
-            yaml.safe_dump(local_envoy_config(ports, self.extra_routes), sort_keys=False)
+        envoy_config = local_envoy_config(
+            ports, self.extra_routes, self.front_end, self.upstream_headers
         )
+        envoy_file.write_text(yaml.safe_dump(envoy_config, sort_keys=False))
         self._spawn(
             "envoy",
             [envoy_binary(), "-c", str(envoy_file), "--disable-hot-restart", "--log-level", "warn"],

@@ -1,0 +1,222 @@
+"""Envoy's HTTP ext_authz protocol (`http_service`), served from the same decision code.
+
+Envoy sends the original method and path with the headers its filter
+allows. A 200 reply allows the request: Envoy copies the reply headers named
+in `allowed_upstream_headers` onto the upstream request and removes the
+headers listed in `x-envoy-auth-headers-to-remove`. Any other status is
+returned to the client with the headers named in `allowed_client_headers`
+and the body. The route's policy comes from the `x-ext-authz-policy` request
+header, which Envoy adds with `authorization_request.headers_to_add`.
+
+The server runs its own asyncio loop (uvloop when installed) on a thread,
+next to the gRPC server. A JWT is decided on the loop: its only wait is a
+key refetch bounded by `refetch_wait_seconds`. An opaque token needs a
+network call, so it is introspected on a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import httptools
+
+from .credential import AUTHORIZATION
+from .request_view import POLICY_EXTENSION, RequestView
+from .response import deny_parts, upstream_headers
+from .service import AuthorizationService, Outcome
+
+log = logging.getLogger(__name__)
+
+POLICY_HEADER = "x-ext-authz-policy"
+HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+MAX_HEADER_BYTES = 64 * 1024
+
+_STATUS_TEXT = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def render(outcome: Outcome) -> bytes:
+    """Return the full HTTP/1.1 reply for a decision."""
+    decision = outcome.decision
+    if outcome.label == "deny":
+        status, challenge, body = deny_parts(
+            decision.reason, decision.policy_name, decision.policy, outcome.deny
+        )
+        # Envoy takes a 5xx reply for a failure of the authorization service,
+        # which failure_mode_allow would let through. A deny must stay a deny,
+        # so it never goes out as 5xx here; the body still names the error.
+        if status >= 500:
+            status = 403
+        headers = [("www-authenticate", challenge), ("content-type", "application/json")]
+        payload = body.encode()
+    else:
+        assert decision.policy is not None
+        identity = decision.identity if outcome.label == "allow" else None
+        headers, to_remove = upstream_headers(decision.policy, identity)
+        if to_remove:
+            headers = [*headers, (HEADERS_TO_REMOVE, ",".join(to_remove))]
+        status, payload = 200, b""
+
+    lines = [f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines.append(f"content-length: {len(payload)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection from Envoy; requests are answered in order."""
+
+    def __init__(self, server: HttpAuthzServer) -> None:
+        self._server = server
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._pending: asyncio.Future[bytes] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._reply_and_close(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise httptools.HttpParserError("headers too large")
+        key = name.decode("latin-1").lower()
+        text = value.decode("utf-8", "replace")
+        # Repeated headers are joined with ',' as Envoy's gRPC variant does.
+        self._headers[key] = f"{self._headers[key]},{text}" if key in self._headers else text
+
+    def on_message_complete(self) -> None:
+        # NOTE: replies are written when ready. Envoy sends one request at a
+        # time per HTTP/1.1 connection, so a slow introspection cannot reorder
+        # them; a client that pipelines requests could see replies reordered.
+        view = RequestView(
+            headers=self._headers,
+            method=self._parser.get_method().decode("latin-1"),
+            host=self._headers.get("host", ""),
+            path=self._url.decode("latin-1"),
+            context_extensions=(
+                {POLICY_EXTENSION: self._headers[POLICY_HEADER]}
+                if POLICY_HEADER in self._headers
+                else {}
+            ),
+        )
+        reply = self._server.answer(view)
+        if isinstance(reply, bytes):
+            self._write(reply)
+        else:
+            reply.add_done_callback(lambda done: self._write(done.result()))
+
+    def _write(self, reply: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(reply)
+            if not self._parser.should_keep_alive():
+                self._transport.close()
+
+    def _reply_and_close(self, reply: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(reply)
+            self._transport.close()
+
+
+class HttpAuthzServer:
+    """The HTTP front end: an asyncio server on a thread of its own."""
+
+    def __init__(self, service: AuthorizationService, host: str, port: int) -> None:
+        self._service = service
+        self._host, self._requested_port = host, port
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        """Bind and start serving; raise OSError when the address cannot be used."""
+        self._thread = threading.Thread(target=self._run, name="http-authz", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def answer(self, view: RequestView) -> bytes | asyncio.Future[bytes]:
+        """Decide on the loop, or on a worker thread for tokens that need introspection."""
+        token = view.headers.get(AUTHORIZATION, "")
+        if token and token.count(".") != 2 and self._service.engine.introspectors:
+            assert self._loop is not None
+            return self._loop.run_in_executor(None, self._decide, view)
+        return self._decide(view)
+
+    def _decide(self, view: RequestView) -> bytes:
+        started = time.perf_counter()
+        try:
+            reply = render(self._service.evaluate(view))
+        except Exception:
+            reply = render(self._service.internal_error(view, self._service.engine.config.deny))
+        self._service.observe_duration(time.perf_counter() - started)
+        return reply
+
+    def _run(self) -> None:
+        try:
+            import uvloop
+
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        except ImportError:
+            loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            self._server = loop.run_until_complete(
+                loop.create_server(
+                    lambda: _Connection(self),
+                    self._host,
+                    self._requested_port,
+                    reuse_address=True,
+                )
+            )
+            self.port = int(self._server.sockets[0].getsockname()[1])
+        except OSError as error:
+            self._error = error
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            loop.run_forever()
+        finally:
+            self._server.close()
+            loop.run_until_complete(self._server.wait_closed())
+            loop.close()
