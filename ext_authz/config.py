@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .tracing import TracingConfig
+
 CONFIG_ENV = "EXT_AUTHZ_CONFIG"
 
 # Asymmetric algorithms only. With an HMAC algorithm, anyone who has the
@@ -163,6 +165,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deny: DenyConfig = field(default_factory=DenyConfig)
     applications: tuple[ApplicationConfig, ...] = ()
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     source: str = "<memory>"
 
     def issuer(self, name: str) -> IssuerConfig:
@@ -243,7 +246,16 @@ class _Parser:
         root = self.mapping(
             document,
             "(top level)",
-            {"server", "logging", "issuers", "applications", "policies", "default_policy", "deny"},
+            {
+                "server",
+                "logging",
+                "tracing",
+                "issuers",
+                "applications",
+                "policies",
+                "default_policy",
+                "deny",
+            },
             required={"issuers", "policies"},
         )
         issuers = self.issuers(root["issuers"])
@@ -275,6 +287,7 @@ class _Parser:
             logging=self.logging(root.get("logging", {})),
             deny=self.deny(root.get("deny", {})),
             applications=applications,
+            tracing=self.tracing(root.get("tracing", {})),
             source=self.source,
         )
 
@@ -355,6 +368,25 @@ class _Parser:
                 section.get("level", "info"), "logging.level", ("debug", "info", "warning", "error")
             ),
             format=self.choice(section.get("format", "json"), "logging.format", ("json", "text")),
+        )
+
+    def tracing(self, value: Any) -> TracingConfig:
+        section = self.mapping(
+            value, "tracing", {"enabled", "service_name", "otlp_endpoint", "sample_ratio"}
+        )
+        endpoint = section.get("otlp_endpoint")
+        if endpoint is not None:
+            # The collector is the operator's own, often plain http inside the cluster.
+            endpoint = self.url(endpoint, "tracing.otlp_endpoint", allow_http=True)
+        return TracingConfig(
+            enabled=self.boolean(section.get("enabled", False), "tracing.enabled"),
+            service_name=self.string(
+                section.get("service_name", "ext-authz"), "tracing.service_name"
+            ),
+            otlp_endpoint=endpoint,
+            sample_ratio=self.number(
+                section.get("sample_ratio", 1.0), "tracing.sample_ratio", 0, 1
+            ),
         )
 
     def deny(self, value: Any) -> DenyConfig:

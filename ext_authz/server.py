@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 from .issuer_keys import IssuerKeys
 from .metrics import Metrics
 from .service import AuthorizationService
+from .tracing import build_tracer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class SidecarServer:
         self.issuer_keys = {
             issuer.name: IssuerKeys(issuer, self.metrics) for issuer in config.issuers
         }
-        self.service = AuthorizationService(config, self.issuer_keys, self.metrics)
+        self.tracer = build_tracer(config.tracing)
+        self.service = AuthorizationService(config, self.issuer_keys, self.metrics, self.tracer)
         self._config_digest = _file_digest(config_path) if config_path else None
         self._reload_lock = threading.Lock()
         # Called once serving has started; a worker process reports its port with it.
@@ -175,6 +177,7 @@ class SidecarServer:
         if self._http is not None:
             self._http.stop()
         self._stop_key_threads()
+        self.tracer.shutdown()
         log.info("stopped")
 
     def _stop_key_threads(self) -> None:
@@ -239,12 +242,12 @@ class SidecarServer:
 
     def _apply(self, new_config: Config) -> None:
         old = self.config
-        if new_config.server != old.server:
+        if new_config.server != old.server or new_config.tracing != old.tracing:
             log.warning(
-                "server settings changed in the new configuration; they take effect after a "
-                "restart, the other changes apply now"
+                "server or tracing settings changed in the new configuration; they take "
+                "effect after a restart, the other changes apply now"
             )
-            new_config = _with_server(new_config, old)
+            new_config = dataclasses.replace(new_config, server=old.server, tracing=old.tracing)
 
         # Issuers with unchanged settings keep their cached keys.
         kept: dict[str, IssuerKeys] = {}
@@ -339,10 +342,6 @@ def _file_digest(path: Path) -> bytes | None:
         return hashlib.sha256(path.read_bytes()).digest()
     except OSError:
         return None
-
-
-def _with_server(config: Config, previous: Config) -> Config:
-    return dataclasses.replace(config, server=previous.server)
 
 
 def _split_address(address: str) -> tuple[str, int]:

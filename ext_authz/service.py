@@ -22,6 +22,7 @@ from .policy import apply_policy
 from .reasons import Reason
 from .request_view import RequestView, view_request
 from .response import allow_response, build_response, http_status
+from .tracing import CheckTracer
 from .verify import VerificationError, VerifiedToken, Verifier
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,14 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
     """Envoy's Authorization service. Every input gets a CheckResponse, never a gRPC error."""
 
     def __init__(
-        self, config: Config, issuer_keys: Mapping[str, IssuerKeys], metrics: Metrics
+        self,
+        config: Config,
+        issuer_keys: Mapping[str, IssuerKeys],
+        metrics: Metrics,
+        tracer: CheckTracer | None = None,
     ) -> None:
         self._metrics = metrics
+        self._tracer = tracer or CheckTracer()
         self.engine = DecisionEngine(config, issuer_keys, metrics)
 
     def replace_config(self, config: Config, issuer_keys: Mapping[str, IssuerKeys]) -> None:
@@ -159,7 +165,13 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         return response
 
     def evaluate(self, view: RequestView) -> Outcome:
-        """Decide on one request, count it and log a deny; used by both front ends."""
+        """Decide on one request, count it, log a deny and trace it; used by both front ends."""
+        with self._tracer.check_span(view.headers) as span:
+            outcome = self._evaluate(view)
+            span.record(outcome.label, outcome.decision.reason.label, outcome.decision.policy_name)
+        return outcome
+
+    def _evaluate(self, view: RequestView) -> Outcome:
         engine = self.engine
         deny = engine.config.deny
         try:
