@@ -168,18 +168,28 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     source: str = "<memory>"
 
+    def __post_init__(self) -> None:
+        # Lookups on the Check path; the dataclass is frozen, so they stay valid.
+        object.__setattr__(self, "_policies", {policy.name: policy for policy in self.policies})
+        object.__setattr__(
+            self,
+            "_applications",
+            {
+                client_id: application
+                for application in self.applications
+                for client_id in application.client_ids
+            },
+        )
+
     def issuer(self, name: str) -> IssuerConfig:
         return next(issuer for issuer in self.issuers if issuer.name == name)
 
     def policy(self, name: str) -> PolicyConfig | None:
-        return next((policy for policy in self.policies if policy.name == name), None)
+        return self._policies.get(name)  # type: ignore[attr-defined,no-any-return]
 
     def application_for(self, client_id: str) -> ApplicationConfig | None:
         """Return the application that registered `client_id`, if any."""
-        for application in self.applications:
-            if client_id in application.client_ids:
-                return application
-        return None
+        return self._applications.get(client_id)  # type: ignore[attr-defined,no-any-return]
 
 
 def resolve_config_path(path: str | None) -> Path:

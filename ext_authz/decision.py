@@ -9,7 +9,7 @@ from .policy import Identity
 from .reasons import Reason
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     """Allow or deny with one reason; an allow carries the caller's identity."""
 

@@ -10,7 +10,7 @@ from .config import Config, IssuerConfig, PolicyConfig
 from .reasons import Reason
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Identity:
     """The caller's identity, established by a token that passed every check."""
 

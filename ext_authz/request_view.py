@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest
@@ -11,13 +12,17 @@ POLICY_EXTENSION = "policy"
 
 @dataclass(frozen=True)
 class RequestView:
-    """Lower-cased request headers and route settings of one Check call."""
+    """Lower-cased request headers and route settings of one Check call.
 
-    headers: dict[str, str]
+    `headers` is any mapping with lower-case names: Envoy's header map as it
+    arrives, or a dict.
+    """
+
+    headers: Mapping[str, str]
     method: str
     host: str
     path: str
-    context_extensions: dict[str, str]
+    context_extensions: Mapping[str, str]
 
     @property
     def request_id(self) -> str:
@@ -32,13 +37,16 @@ def view_request(request: CheckRequest) -> RequestView:
     """Build a RequestView; absent parts of the request become empty values."""
     attributes = request.attributes
     http = attributes.request.http
-    # Envoy sends lower-cased names already; lower-casing again keeps a
-    # hand-built request from slipping past the lookup.
-    headers = {name.lower(): value for name, value in http.headers.items()}
+    headers: Mapping[str, str] = http.headers
+    # Envoy lower-cases header names, so its map is used as it is, without a
+    # copy. A request with an upper-case name was built by hand: lower-case
+    # it all, so the lookup of `authorization` cannot miss.
+    if "authorization" not in headers and any(name != name.lower() for name in headers):
+        headers = {name.lower(): value for name, value in headers.items()}
     return RequestView(
         headers=headers,
         method=http.method,
         host=http.host,
         path=http.path,
-        context_extensions=dict(attributes.context_extensions),
+        context_extensions=attributes.context_extensions,
     )

@@ -11,7 +11,6 @@ from .api.envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from .api.envoy.service.auth.v3.external_auth_pb2 import (
     CheckResponse,
     DeniedHttpResponse,
-    OkHttpResponse,
 )
 from .api.envoy.type.v3.http_status_pb2 import HttpStatus
 from .claims import claim_value, header_text
@@ -90,13 +89,19 @@ def deny_parts(
 def allow_response(policy: PolicyConfig, identity: Identity | None) -> CheckResponse:
     """Return an OK response that sets the policy's identity headers and removes spoofed ones."""
     to_set, to_remove = upstream_headers(policy, identity)
-    ok = OkHttpResponse(
-        headers=[_header(name, value) for name, value in to_set], headers_to_remove=to_remove
-    )
-    response = CheckResponse(ok_response=ok)
+    response = CheckResponse()
     response.status.code = 0
+    ok = response.ok_response
+    ok.SetInParent()
+    for name, value in to_set:
+        option = ok.headers.add()
+        option.header.key = name
+        option.header.value = value
+        # append=false overwrites any copy the client sent.
+        option.append.SetInParent()
+    ok.headers_to_remove.extend(to_remove)
     if identity is not None:
-        response.dynamic_metadata.CopyFrom(_metadata(policy, identity))
+        _fill_metadata(response.dynamic_metadata, policy, identity)
     return response
 
 
@@ -126,20 +131,18 @@ def _identity_value(identity: Identity, source: str) -> object:
     return claim_value(identity.claims, source)
 
 
-def _metadata(policy: PolicyConfig, identity: Identity) -> Struct:
-    """Return the dynamic metadata Envoy stores under envoy.filters.http.ext_authz."""
-    metadata = Struct()
-    metadata.update(
-        {
-            "policy": policy.name,
-            "issuer": identity.issuer.name,
-            "subject": identity.subject or "",
-            "client_id": identity.client_id or "",
-            "application": identity.application or "",
-            "scopes": list(identity.scopes),
-        }
-    )
-    return metadata
+def _fill_metadata(metadata: Struct, policy: PolicyConfig, identity: Identity) -> None:
+    """Fill the dynamic metadata Envoy stores under envoy.filters.http.ext_authz."""
+    fields = metadata.fields
+    fields["policy"].string_value = policy.name
+    fields["issuer"].string_value = identity.issuer.name
+    fields["subject"].string_value = identity.subject or ""
+    fields["client_id"].string_value = identity.client_id or ""
+    fields["application"].string_value = identity.application or ""
+    scopes = fields["scopes"].list_value
+    scopes.SetInParent()
+    for scope in identity.scopes:
+        scopes.values.add().string_value = scope
 
 
 def _header(name: str, value: str) -> HeaderValueOption:

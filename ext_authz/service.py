@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -144,6 +145,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         tracer: CheckTracer | None = None,
     ) -> None:
         self._metrics = metrics
+        self._decision_counters: dict[tuple[str, str, str], Any] = {}
         self._tracer = tracer or CheckTracer()
         self.engine = DecisionEngine(config, issuer_keys, metrics)
 
@@ -201,7 +203,11 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
     def _record(
         self, decision: Decision, view: RequestView | None, outcome: str, deny: DenyConfig
     ) -> None:
-        self._metrics.decisions.labels(decision.policy_name, outcome, decision.reason.label).inc()
+        labels = (decision.policy_name, outcome, decision.reason.label)
+        counter = self._decision_counters.get(labels)
+        if counter is None:
+            counter = self._decision_counters[labels] = self._metrics.decisions.labels(*labels)
+        counter.inc()
         if outcome == "allow":
             return
         prefix = "dry run, would deny" if outcome == "dry_run_deny" else "denied"
@@ -228,7 +234,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """A decision with its metric label (allow, deny or dry_run_deny) and the deny settings."""
 

@@ -26,7 +26,7 @@ from .token import MalformedTokenError, parse_token
 _ALGORITHMS = get_default_algorithms()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class VerifiedToken:
     """A token whose issuer is trusted and whose signature, or introspection, vouches for it."""
 
@@ -43,7 +43,7 @@ class VerificationError(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _CachedVerification:
     verified: VerifiedToken
     key_set: KeySet  # the key set object the signature was verified with
