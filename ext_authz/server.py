@@ -35,6 +35,8 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 # Start-up waits this long for the first key sets, only so the start-up log
 # can report them; serving starts either way.
 INITIAL_KEY_WAIT_SECONDS = 5.0
+# Longest time the main thread waits before it checks for signals again.
+SIGNAL_CHECK_SECONDS = 0.25
 
 
 class StartupError(Exception):
@@ -208,18 +210,26 @@ class SidecarServer:
         signal.signal(signal.SIGHUP, request_reload)
         self.start()
 
+        next_watch = time.monotonic()
         while not stop_requested.is_set():
-            watch = self.config.server.config_watch_seconds
-            wake.wait(watch if watch > 0 and self.config_path else None)
+            # The flags are the truth; `wake` only shortens the wait. The wait
+            # stays short because CPython runs signal handlers on the main
+            # thread only, and a signal that arrives as the thread starts a
+            # long wait can go unhandled until the wait ends.
+            wake.wait(SIGNAL_CHECK_SECONDS)
             wake.clear()
             if stop_requested.is_set():
                 break
             if reload_requested.is_set():
                 reload_requested.clear()
                 self.reload()
-            elif self._config_file_changed():
-                log.info("the configuration file changed: reloading")
-                self.reload()
+                continue
+            watch = self.config.server.config_watch_seconds
+            if watch > 0 and self.config_path and time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + watch
+                if self._config_file_changed():
+                    log.info("the configuration file changed: reloading")
+                    self.reload()
         self.stop(wake=cut_drain)
 
     def reload(self) -> bool:
