@@ -240,10 +240,14 @@ def test_readiness_waits_for_keys_when_required(issuer_server: IssuerServer):
             time.sleep(0.1)
 
         assert sidecar.get("/readyz")[0] == 200
+        # The gRPC health status follows within a poll interval of the readiness thread.
+        serving = health_pb2.HealthCheckResponse.SERVING
         with grpc.insecure_channel(sidecar.grpc_target) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=5
-            )
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="")
+            deadline = time.monotonic() + 5
+            while stub.Check(request, timeout=5).status != serving:
+                assert time.monotonic() < deadline, "gRPC health did not become SERVING"
+                time.sleep(0.05)
     finally:
-        server.stop()
+        server.stop(drain=False)
