@@ -7,16 +7,22 @@ import http.client
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 if TYPE_CHECKING:
@@ -252,3 +258,57 @@ def decision_count(stack: Stack, reason: str, policy: str = "default") -> float:
     )
     match = re.search(pattern, stack.metrics_text(), re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+def write_rsa_key_pem(path: Path) -> rsa.RSAPrivateKey:
+    """Create an RSA signing key and write it as unencrypted PKCS#8 PEM for the dev issuer."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return key
+
+
+class Sidecar:
+    """A sidecar process started by a test, with its gRPC target and HTTP base URL."""
+
+    def __init__(self, process: subprocess.Popen[str], grpc_port: int, http_port: int) -> None:
+        self.process = process
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
+        self.http_url = f"http://127.0.0.1:{http_port}"
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def listening(self) -> bool:
+        try:
+            return self.get("/healthz")[0] == 200
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+
+def start_sidecar(
+    config_path: Path, grpc_port: int, http_port: int, timeout: float = 20
+) -> Sidecar:
+    """Start `ext-authz serve` with a config file and wait until /healthz answers."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ext_authz.cli", "serve", "--config", str(config_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    sidecar = Sidecar(process, grpc_port, http_port)
+    deadline = time.monotonic() + timeout
+    while not sidecar.listening():
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise RuntimeError(f"the sidecar did not start: {process.communicate()[1]}")
+        time.sleep(0.1)
+    return sidecar

@@ -10,28 +10,18 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ext_authz.dev.stack import Stack, StackPorts, local_sidecar_config, policy_route
 
-from .support import SigningKey, claims_for, decision_count, free_port, send
+from .support import SigningKey, claims_for, decision_count, free_port, send, write_rsa_key_pem
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def dev_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = tmp_path_factory.mktemp("issuer") / "signing-key.pem"
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return path, key
+    return path, write_rsa_key_pem(path)
 
 
 @pytest.fixture(scope="module", params=["grpc", "http"])

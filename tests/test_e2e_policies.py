@@ -7,12 +7,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ext_authz.dev.stack import Stack, StackPorts, local_sidecar_config, policy_route
 
-from .support import SigningKey, claims_for, decision_count, free_port, send
+from .support import SigningKey, claims_for, decision_count, free_port, send, write_rsa_key_pem
 
 pytestmark = pytest.mark.e2e
 
@@ -25,15 +23,8 @@ def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """The stack, once with Envoy calling the gRPC front end and once the HTTP one."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     key_file = tmp_path_factory.mktemp("issuer") / "signing-key.pem"
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    key = write_rsa_key_pem(key_file)
     ports = StackPorts(*(free_port() for _ in range(7)))
     sidecar: dict[str, Any] = local_sidecar_config(ports)
     sidecar["applications"] = [

@@ -8,8 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,21 +22,7 @@ from ext_authz.api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 from ext_authz.config import parse_config
 from ext_authz.server import SidecarServer
 
-from .support import IssuerServer, SigningKey, claims_for, free_port
-
-
-class Sidecar:
-    def __init__(self, process: subprocess.Popen[str], grpc_port: int, http_port: int) -> None:
-        self.process = process
-        self.grpc_target = f"127.0.0.1:{grpc_port}"
-        self.http_url = f"http://127.0.0.1:{http_port}"
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"{self.http_url}{path}", timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
+from .support import IssuerServer, Sidecar, SigningKey, claims_for, free_port, start_sidecar
 
 
 @pytest.fixture
@@ -63,29 +47,12 @@ def sidecar(tmp_path: Path, issuer_server: IssuerServer) -> Iterator[Sidecar]:
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ext_authz.cli", "serve", "--config", str(path)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    started = Sidecar(process, grpc_port, http_port)
-    deadline = time.monotonic() + 20
-    while not _listening(started):
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            pytest.fail(f"the sidecar did not start: {process.communicate()[1]}")
-        time.sleep(0.1)
+    started = start_sidecar(path, grpc_port, http_port)
+    process = started.process
     yield started
     if process.poll() is None:
         process.kill()
         process.wait()
-
-
-def _listening(sidecar: Sidecar) -> bool:
-    try:
-        return sidecar.get("/healthz")[0] == 200
-    except (urllib.error.URLError, ConnectionError):
-        return False
 
 
 def test_grpc_health_serving(sidecar: Sidecar):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ext_authz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from ext_authz.api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 
-from .support import IssuerServer, SigningKey, claims_for, free_port
-from .test_operations import Sidecar, _listening
+from .support import IssuerServer, Sidecar, SigningKey, claims_for, free_port, start_sidecar
 
 
 def sidecar_document(issuer_url: str, grpc_port: int, http_port: int, **server: Any) -> dict:
@@ -44,22 +41,6 @@ def sidecar_document(issuer_url: str, grpc_port: int, http_port: int, **server: 
         ],
         "policies": [{"name": "default", "issuers": ["local"]}],
     }
-
-
-def start_sidecar(config_path: Path, grpc_port: int, http_port: int) -> Sidecar:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ext_authz.cli", "serve", "--config", str(config_path)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    sidecar = Sidecar(process, grpc_port, http_port)
-    deadline = time.monotonic() + 20
-    while not _listening(sidecar):
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            pytest.fail(f"the sidecar did not start: {process.communicate()[1]}")
-        time.sleep(0.1)
-    return sidecar
 
 
 def check(sidecar: Sidecar, token: str, policy: str | None = None) -> str:

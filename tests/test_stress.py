@@ -32,7 +32,6 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,7 +40,15 @@ from ext_authz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from ext_authz.api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 from ext_authz.dev.stack import Stack, StackPorts, local_sidecar_config, policy_route
 
-from .support import AUDIENCE, IssuerServer, SigningKey, claims_for, free_port, running_issuer
+from .support import (
+    AUDIENCE,
+    IssuerServer,
+    SigningKey,
+    claims_for,
+    free_port,
+    running_issuer,
+    write_rsa_key_pem,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -66,16 +73,8 @@ class DevKey:
 
 @pytest.fixture(scope="module")
 def dev_key(tmp_path_factory: pytest.TempPathFactory) -> DevKey:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = tmp_path_factory.mktemp("issuer") / "signing-key.pem"
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return DevKey(path, key)
+    return DevKey(path, write_rsa_key_pem(path))
 
 
 def free_ports() -> StackPorts:

@@ -19,8 +19,7 @@ from ext_authz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from ext_authz.api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 from ext_authz.workers import merge_metrics
 
-from .support import IssuerServer, SigningKey, claims_for, free_port
-from .test_operations import Sidecar, _listening
+from .support import IssuerServer, Sidecar, SigningKey, claims_for, free_port
 
 
 def consecutive_free_ports(count: int) -> int:
@@ -76,7 +75,7 @@ def workers(tmp_path: Path, issuer_server: IssuerServer) -> Iterator[tuple[Sidec
     )
     supervisor = Sidecar(process, base, http_port)
     deadline = time.monotonic() + 30
-    while not (_listening(supervisor) and supervisor.get("/readyz")[0] == 200):
+    while not (supervisor.listening() and supervisor.get("/readyz")[0] == 200):
         if time.monotonic() > deadline or process.poll() is not None:
             process.kill()
             pytest.fail(f"the workers did not start: {process.communicate()[1]}")
