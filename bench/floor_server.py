@@ -10,6 +10,7 @@ Python gRPC itself costs per Check call, with no decision code.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import threading
 from concurrent import futures
@@ -33,13 +34,54 @@ class FixedAllowServicer(external_auth_pb2_grpc.AuthorizationServicer):
         return self._response
 
 
+class FixedAllowAioServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    """The same fixed response from an asyncio (grpc.aio) handler."""
+
+    def __init__(self) -> None:
+        self._response = FixedAllowServicer()._response
+
+    async def Check(  # type: ignore[override]
+        self, request: CheckRequest, context: grpc.aio.ServicerContext
+    ) -> CheckResponse:
+        return self._response
+
+
+async def _serve_aio(address: str) -> None:
+    server = grpc.aio.server()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(FixedAllowAioServicer(), server)
+    server.add_insecure_port(address)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"floor servicer (grpc.aio) listening on {address}", flush=True)
+    await stop.wait()
+    await server.stop(None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", required=True, help="HOST:PORT to listen on")
     parser.add_argument(
         "--threads", type=int, default=16, help="worker threads (default %(default)s)"
     )
+    parser.add_argument(
+        "--model",
+        choices=("sync", "aio", "aio-uvloop"),
+        default="sync",
+        help="sync: grpc.server with a thread pool (the sidecar's model); aio: grpc.aio on "
+        "asyncio; aio-uvloop: grpc.aio on uvloop (default %(default)s)",
+    )
     arguments = parser.parse_args(argv)
+    if arguments.model == "aio-uvloop":
+        import uvloop
+
+        uvloop.run(_serve_aio(arguments.address))
+        return 0
+    if arguments.model == "aio":
+        asyncio.run(_serve_aio(arguments.address))
+        return 0
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=arguments.threads, thread_name_prefix="check")
