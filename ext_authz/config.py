@@ -282,12 +282,7 @@ class _Parser:
             )
 
         server = self.server(root.get("server", {}))
-        if _same_listener(server.grpc_address, server.http_address):
-            raise self.fail(
-                "server.http_address",
-                f"uses the same port as server.grpc_address ({server.grpc_address})",
-                "Give the gRPC and HTTP servers different ports.",
-            )
+        self.check_ports(server)
 
         return Config(
             issuers=issuers,
@@ -370,6 +365,33 @@ class _Parser:
                 1024 * 1024,
             ),
         )
+
+    def check_ports(self, server: ServerConfig) -> None:
+        """Reject port overlaps, counting the extra ports that workers use."""
+        check_ports = {"server.grpc_address": server.grpc_address}
+        if server.http_authz_address is not None:
+            check_ports["server.http_authz_address"] = server.http_authz_address
+        for key, address in check_ports.items():
+            for index in range(server.workers):
+                used = _shifted(address, index)
+                if _same_listener(used, server.http_address):
+                    worker = f" (worker {index} uses {used})" if index else ""
+                    raise self.fail(
+                        "server.http_address",
+                        f"uses the same port as {key}{worker}",
+                        f"Worker i uses the port of {key} plus i; give http_address a port "
+                        "outside that range.",
+                    )
+        if server.http_authz_address is not None:
+            grpc_ports = {_shifted(server.grpc_address, i) for i in range(server.workers)}
+            for index in range(server.workers):
+                used = _shifted(server.http_authz_address, index)
+                if any(_same_listener(used, port) for port in grpc_ports):
+                    raise self.fail(
+                        "server.http_authz_address",
+                        f"overlaps the gRPC ports ({used})",
+                        "Keep the gRPC and HTTP front-end port ranges apart.",
+                    )
 
     def logging(self, value: Any) -> LoggingConfig:
         section = self.mapping(value, "logging", {"level", "format"})
@@ -912,6 +934,11 @@ def _type_name(value: Any) -> str:
         return "nothing"
     names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
     return names.get(type(value), "a number" if isinstance(value, int | float) else "a value")
+
+
+def _shifted(address: str, offset: int) -> str:
+    host, _, port = address.rpartition(":")
+    return f"{host}:{int(port) + offset}"
 
 
 def _same_listener(first: str, second: str) -> bool:

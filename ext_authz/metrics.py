@@ -15,14 +15,30 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.decisions = Counter(
             "ext_authz_decisions",
-            "Check decisions by policy, decision (allow or deny) and reason.",
+            "Check decisions by policy, decision (allow, deny or dry_run_deny) and reason.",
             ["policy", "decision", "reason"],
             registry=self.registry,
         )
         self.check_duration = Histogram(
             "ext_authz_check_duration_seconds",
             "Time spent answering one Check call, in seconds.",
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            # Up to Envoy's 0.5 s Check timeout and beyond, so a p99 near it is visible.
+            buckets=(
+                0.0001,
+                0.00025,
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1.0,
+                2.5,
+            ),
             registry=self.registry,
         )
         self.jwks_fetches = Counter(

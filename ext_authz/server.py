@@ -88,7 +88,10 @@ class SidecarServer:
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=config.server.grpc_threads, thread_name_prefix="check"
-            )
+            ),
+            # gRPC sets SO_REUSEPORT by default, so a second sidecar on a taken
+            # port would silently share Envoy's connections instead of failing.
+            options=[("grpc.so_reuseport", 0)],
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)

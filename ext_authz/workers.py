@@ -128,9 +128,20 @@ class Supervisor:
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGHUP, forward_reload)
 
+        # Workers first, so they do not inherit the operations server's socket.
         for index in range(self.config.server.workers):
             self._workers.append(self._start_worker(index))
-        self._start_operations_server()
+        try:
+            self._start_operations_server()
+        except OSError as error:
+            log.error(
+                "cannot listen on %s (server.http_address): %s; choose another address",
+                self.config.server.http_address,
+                error.strerror or error,
+            )
+            self._stopping.set()
+            self._stop_workers()
+            return 1
         log.info(
             "supervising %d workers on gRPC ports %s",
             len(self._workers),
@@ -239,7 +250,11 @@ class Supervisor:
             except ValueError:
                 details = {}
             states.append({"worker": worker.index, "ready": status == 200, **details})
-        ready = not self._stopping.is_set() and all(state["ready"] for state in states)
+        ready = (
+            not self._stopping.is_set()
+            and len(states) == self.config.server.workers
+            and all(state["ready"] for state in states)
+        )
         first = states[0] if states else {}
         return ready, {
             "status": "ready" if ready else "not ready",

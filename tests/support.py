@@ -76,7 +76,7 @@ def claims_for(issuer: str, **overrides: Any) -> dict[str, Any]:
     return {name: value for name, value in claims.items() if value is not None}
 
 
-_handed_out_ports: set[int] = set()
+handed_out_ports: set[int] = set()
 
 
 def free_port() -> int:
@@ -85,8 +85,8 @@ def free_port() -> int:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = int(probe.getsockname()[1])
-        if port not in _handed_out_ports:
-            _handed_out_ports.add(port)
+        if port not in handed_out_ports:
+            handed_out_ports.add(port)
             return port
 
 

@@ -219,3 +219,16 @@ def test_different_hosts_same_port_allowed():
 def test_boolean_error_uses_yaml_spelling():
     with pytest.raises(ConfigError, match="got true"):
         parse_config(changed("issuers.0.leeway_seconds", True))
+
+
+def test_worker_ports_must_not_reach_http_address():
+    document = changed("server.grpc_address", "127.0.0.1:19001")
+    document["server"]["http_address"] = "127.0.0.1:19002"
+    document["server"]["workers"] = 2
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(document)
+
+    assert "server.http_address: uses the same port as server.grpc_address (worker 1" in str(
+        raised.value
+    )

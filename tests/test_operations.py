@@ -218,3 +218,35 @@ def test_readiness_waits_for_keys_when_required(issuer_server: IssuerServer):
                 time.sleep(0.05)
     finally:
         server.stop(drain=False)
+
+
+def test_taken_grpc_port_exits_with_message(tmp_path: Path):
+    with socket.socket() as taken:
+        # A listener that shares its port, as another gRPC server would.
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "config.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "server": {
+                        "grpc_address": f"127.0.0.1:{port}",
+                        "http_address": f"127.0.0.1:{free_port()}",
+                    },
+                    "issuers": [{"name": "a", "issuer": "https://a.example", "audiences": ["x"]}],
+                    "policies": [{"name": "p", "issuers": ["a"]}],
+                }
+            )
+        )
+
+        result = subprocess.run(
+            [sys.executable, "-m", "ext_authz.cli", "serve", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} (server.grpc_address)" in result.stderr

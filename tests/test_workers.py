@@ -19,6 +19,7 @@ from ext_authz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from ext_authz.api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 from ext_authz.workers import merge_metrics
 
+from . import support
 from .support import IssuerServer, Sidecar, SigningKey, claims_for, free_port
 
 
@@ -32,6 +33,8 @@ def consecutive_free_ports(count: int) -> int:
                 probe = socket.socket()
                 sockets.append(probe)
                 probe.bind(("127.0.0.1", base + offset))
+            # Keep later free_port() calls of this run off these ports.
+            support.handed_out_ports.update(range(base, base + count))
             return base
         except OSError:
             continue

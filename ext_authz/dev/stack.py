@@ -303,12 +303,17 @@ class Stack:
             return response.read().decode()
 
     def _spawn(self, name: str, command: list[str], to_console: bool = False) -> None:
-        log_file = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child)
         environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if to_console:
+            self.processes[name] = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, env=environment, cwd=REPOSITORY
+            )
+            return
+        log_file = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child)
         self.processes[name] = subprocess.Popen(
             command,
             stdout=log_file,
-            stderr=None if to_console else subprocess.STDOUT,
+            stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=environment,
             cwd=REPOSITORY,
@@ -342,6 +347,9 @@ def print_instructions(stack: Stack) -> None:
         f"{stack.issuer_url}/token"
         " | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')"
     )
+    other_audience_command = token_command.replace("TOKEN=", "OTHER=").replace(
+        "client_credentials ", "client_credentials -d audience=other "
+    )
     lines = [
         "",
         "The local stack is running:",
@@ -357,6 +365,10 @@ def print_instructions(stack: Stack) -> None:
         "",
         "Denied (403, no token):",
         f"  curl -i {stack.envoy_url}/",
+        "",
+        "Denied (403, a token for another audience):",
+        f"  {other_audience_command}",
+        f'  curl -i -H "Authorization: Bearer $OTHER" {stack.envoy_url}/',
         "",
         "Press Ctrl-C to stop.",
     ]
