@@ -73,7 +73,7 @@ def render(outcome: Outcome) -> bytes:
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection from Envoy; requests are answered in order."""
+    """One keep-alive HTTP/1.1 connection from Envoy."""
 
     def __init__(self, server: HttpAuthzServer) -> None:
         self._server = server
@@ -113,9 +113,9 @@ class _Connection(asyncio.Protocol):
         self._headers[key] = f"{self._headers[key]},{text}" if key in self._headers else text
 
     def on_message_complete(self) -> None:
-        # NOTE: replies are written when ready. Envoy sends one request at a
-        # time per HTTP/1.1 connection, so a slow introspection cannot reorder
-        # them; a client that pipelines requests could see replies reordered.
+        # NOTE: replies are written when they are ready. Envoy sends one
+        # request at a time per HTTP/1.1 connection, so they stay in order.
+        # A client that pipelines requests could get replies out of order.
         view = RequestView(
             headers=self._headers,
             method=self._parser.get_method().decode("latin-1"),
