@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import CONFIG_ENV, ConfigError, load_config, resolve_config_path
+from .config import CONFIG_ENV, Config, ConfigError, load_config, resolve_config_path
 from .logs import configure_logging
 
 log = logging.getLogger("ext_authz")
@@ -103,15 +103,23 @@ def _add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _load(arguments: argparse.Namespace) -> tuple[Path, Config] | None:
+    """Load the configuration named on the command line; print the error and return None."""
+    try:
+        path = resolve_config_path(arguments.config)
+        return path, load_config(path)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+
+
 def _serve(arguments: argparse.Namespace) -> int:
     from .server import SidecarServer, StartupError
 
-    try:
-        path = resolve_config_path(arguments.config)
-        config = load_config(path)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+    loaded = _load(arguments)
+    if loaded is None:
         return 2
+    path, config = loaded
     configure_logging(config.logging.level, config.logging.format)
     if config.server.workers > 1:
         from .workers import Supervisor
@@ -126,12 +134,10 @@ def _serve(arguments: argparse.Namespace) -> int:
 
 
 def _check_config(arguments: argparse.Namespace) -> int:
-    try:
-        path = resolve_config_path(arguments.config)
-        config = load_config(path)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+    loaded = _load(arguments)
+    if loaded is None:
         return 2
+    path, config = loaded
     print(
         f"{path}: valid ({_count(len(config.issuers), 'issuer')}, "
         f"{_count(len(config.policies), 'policy', 'policies')}, "
@@ -143,11 +149,10 @@ def _check_config(arguments: argparse.Namespace) -> int:
 def _explain(arguments: argparse.Namespace) -> int:
     from .explain import explain
 
-    try:
-        config = load_config(resolve_config_path(arguments.config))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+    loaded = _load(arguments)
+    if loaded is None:
         return 2
+    _, config = loaded
     if arguments.policy is not None and config.policy(arguments.policy) is None:
         names = ", ".join(policy.name for policy in config.policies)
         print(f"error: no policy named {arguments.policy!r}; use one of: {names}", file=sys.stderr)
