@@ -35,7 +35,7 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 # Start-up waits this long for the first key sets, only so the start-up log
 # can report them; serving starts either way.
 INITIAL_KEY_WAIT_SECONDS = 5.0
-# Longest time the main thread waits before it checks for signals again.
+# Maximum time the main thread waits before it checks for signals again.
 SIGNAL_CHECK_SECONDS = 0.25
 
 
@@ -157,10 +157,10 @@ class SidecarServer:
         log.info("serving HTTP ext_authz on %s", _with_port(address, self.http_authz_port))
 
     def stop(self, drain: bool = True, wake: threading.Event | None = None) -> None:
-        """Report NOT_SERVING, keep answering while Envoy drains, then close everything.
+        """Report NOT_SERVING, keep serving Check while Envoy drains, then close everything.
 
         Envoy and Kubernetes take a moment to notice NOT_SERVING, and calls
-        they send meanwhile still get answers for `server.drain_seconds`.
+        they send meanwhile are still served for `server.drain_seconds`.
         Then new calls are refused and calls in flight get up to
         `server.shutdown_grace_seconds` to finish. Setting `wake` cuts the
         drain short, for example on a second SIGTERM.
@@ -169,7 +169,7 @@ class SidecarServer:
         self._set_serving(False)
         if drain and settings.drain_seconds > 0:
             log.info(
-                "draining: answering Check calls for %g s more (server.drain_seconds)",
+                "draining: serving Check calls for %g s more (server.drain_seconds)",
                 settings.drain_seconds,
             )
             (wake or threading.Event()).wait(settings.drain_seconds)

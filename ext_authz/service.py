@@ -151,7 +151,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
 
     def replace_config(self, config: Config, issuer_keys: Mapping[str, IssuerKeys]) -> None:
         """Switch to a new configuration; calls in flight finish with the old one."""
-        # One attribute assignment, so each call sees either engine, never a mix.
+        # One attribute assignment, so each call uses either engine, never a mix.
         self.engine = DecisionEngine(config, issuer_keys, self._metrics, previous=self.engine)
 
     def Check(self, request: CheckRequest, context: grpc.ServicerContext) -> CheckResponse:

@@ -94,8 +94,8 @@ def free_port() -> int:
 class IssuerServer:
     """A local issuer that a test controls: metadata, JWKS and failure modes, with a request log.
 
-    `jwks_mode` is one of: ok, status (answers `jwks_status`), html, empty (`{}`),
-    hang (answers after `hang_seconds`), huge (a 5 MiB body), redirect_other_host,
+    `jwks_mode` is one of: ok, status (returns `jwks_status`), html, empty (`{}`),
+    hang (replies after `hang_seconds`), huge (a 5 MiB body), redirect_other_host,
     redirect_same_host.
     """
 
@@ -298,7 +298,7 @@ class Sidecar:
 def start_sidecar(
     config_path: Path, grpc_port: int, http_port: int, timeout: float = 20
 ) -> Sidecar:
-    """Start `ext-authz serve` with a config file and wait until /healthz answers."""
+    """Start `ext-authz serve` with a config file and wait until /healthz returns 200."""
     process = subprocess.Popen(
         [sys.executable, "-m", "ext_authz.cli", "serve", "--config", str(config_path)],
         stderr=subprocess.PIPE,

@@ -191,7 +191,7 @@ def test_unknown_policy_route_denied(stack: Stack, dev_signer: SigningKey):
 def test_issuer_keys_unavailable_is_503(stack: Stack):
     down = SigningKey.rsa("down-key")
     token = down.sign(claims_for("http://127.0.0.1:9/down"))
-    # Over HTTP, the front end answers 403: Envoy would take a 5xx for its own error.
+    # Over HTTP, the front end returns 403, because Envoy would take a 5xx for its own error.
     status = 503 if stack.front_end == "grpc" else 403
     assert_denied_with(
         stack, bearer(token), "keys_unavailable", status=status, path="/down", policy="down-policy"

@@ -135,19 +135,24 @@ def test_serve_with_invalid_config_exits_2(tmp_path: Path):
     assert "issuers: needs at least 1 entry" in result.stderr
 
 
-def test_port_in_use_exits_with_message(tmp_path: Path):
+@pytest.mark.parametrize("key", ["grpc_address", "http_address"])
+def test_taken_port_exits_with_message(tmp_path: Path, key: str):
     with socket.socket() as taken:
+        # The listener sets SO_REUSEPORT, as a gRPC server does; the sidecar must still fail.
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        server = {
+            "grpc_address": f"127.0.0.1:{free_port()}",
+            "http_address": f"127.0.0.1:{free_port()}",
+            key: f"127.0.0.1:{port}",
+        }
         path = tmp_path / "config.yaml"
         path.write_text(
             yaml.safe_dump(
                 {
-                    "server": {
-                        "grpc_address": f"127.0.0.1:{free_port()}",
-                        "http_address": f"127.0.0.1:{port}",
-                    },
+                    "server": server,
                     "logging": {"format": "text"},
                     "issuers": [{"name": "a", "issuer": "https://a.example", "audiences": ["x"]}],
                     "policies": [{"name": "p", "issuers": ["a"]}],
@@ -163,7 +168,7 @@ def test_port_in_use_exits_with_message(tmp_path: Path):
         )
 
     assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port} (server.http_address)" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (server.{key})" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -218,35 +223,3 @@ def test_readiness_waits_for_keys_when_required(issuer_server: IssuerServer):
                 time.sleep(0.05)
     finally:
         server.stop(drain=False)
-
-
-def test_taken_grpc_port_exits_with_message(tmp_path: Path):
-    with socket.socket() as taken:
-        # A listener that shares its port, as another gRPC server would.
-        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        path = tmp_path / "config.yaml"
-        path.write_text(
-            yaml.safe_dump(
-                {
-                    "server": {
-                        "grpc_address": f"127.0.0.1:{port}",
-                        "http_address": f"127.0.0.1:{free_port()}",
-                    },
-                    "issuers": [{"name": "a", "issuer": "https://a.example", "audiences": ["x"]}],
-                    "policies": [{"name": "p", "issuers": ["a"]}],
-                }
-            )
-        )
-
-        result = subprocess.run(
-            [sys.executable, "-m", "ext_authz.cli", "serve", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-
-    assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port} (server.grpc_address)" in result.stderr

@@ -197,7 +197,7 @@ def test_drain_answers_until_stopped(
 
         assert wait_until(not_serving, timeout=5)
         assert sidecar.get("/readyz")[0] == 503
-        # Still answering during the drain.
+        # Check calls are still served during the drain.
         assert check(sidecar, token) == "ok"
         assert time.monotonic() - started < 2
 

@@ -402,8 +402,8 @@ def test_sigterm_drains_under_load(tmp_path: Path, dev_key: DevKey):
 
     assert exit_code == 0
     assert exited_at - sigterm_at < DRAIN_SECONDS + GRACE_SECONDS + SHUTDOWN_SLACK_SECONDS
-    assert not_serving_at is not None, "gRPC health did not report NOT_SERVING while answering"
-    # The contract says "at once", and two seconds leave room for a loaded machine.
+    assert not_serving_at is not None, "gRPC health did not report NOT_SERVING during the drain"
+    # Health must flip at once; two seconds leave room for a loaded machine.
     assert not_serving_at - sigterm_at < 2.0
     assert readyz_status == 503
     assert probe.first_refused is not None, "the gRPC listener never closed"
