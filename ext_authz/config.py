@@ -79,7 +79,7 @@ class ServerConfig:
     grpc_address: str = "0.0.0.0:9001"
     http_address: str = "0.0.0.0:9002"
     http_authz_address: str | None = None
-    grpc_threads: int = 16
+    wait_threads: int = 16
     workers: int = 1
     shutdown_grace_seconds: float = 15.0
     drain_seconds: float = 5.0
@@ -304,7 +304,7 @@ class _Parser:
                 "grpc_address",
                 "http_address",
                 "http_authz_address",
-                "grpc_threads",
+                "wait_threads",
                 "workers",
                 "shutdown_grace_seconds",
                 "drain_seconds",
@@ -328,8 +328,8 @@ class _Parser:
                 if section.get("http_authz_address") is not None
                 else None
             ),
-            grpc_threads=self.integer(
-                section.get("grpc_threads", defaults.grpc_threads), "server.grpc_threads", 1, 1024
+            wait_threads=self.integer(
+                section.get("wait_threads", defaults.wait_threads), "server.wait_threads", 1, 1024
             ),
             shutdown_grace_seconds=self.number(
                 section.get("shutdown_grace_seconds", defaults.shutdown_grace_seconds),

@@ -8,25 +8,25 @@ returned to the client with the headers named in `allowed_client_headers`
 and the body. The route's policy comes from the `x-ext-authz-policy` request
 header, which Envoy adds with `authorization_request.headers_to_add`.
 
-The server runs its own asyncio loop (uvloop when installed) on a thread,
-next to the gRPC server. A JWT is decided on the loop: its only wait is a
-key refetch bounded by `refetch_wait_seconds`. An opaque token needs a
-network call, so it is introspected on a worker thread.
+The server runs on the event loop it shares with the gRPC front end
+(event_loop.py). A call is decided on the loop, unless it has to wait on the
+network (a key refetch, an introspection request): then it is decided again
+on the wait pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 
 import httptools
 
-from .credential import AUTHORIZATION
+from .event_loop import LoopThread
 from .request_view import POLICY_EXTENSION, RequestView
 from .response import deny_parts, upstream_headers
 from .service import AuthorizationService, Outcome
+from .verify import WaitNeeded
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,15 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._server.connections.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._transport = None
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -146,77 +155,62 @@ class _Connection(asyncio.Protocol):
 
 
 class HttpAuthzServer:
-    """The HTTP front end: an asyncio server on a thread of its own."""
+    """The HTTP front end, on the shared event loop."""
 
-    def __init__(self, service: AuthorizationService, host: str, port: int) -> None:
+    def __init__(
+        self, service: AuthorizationService, loop_thread: LoopThread, host: str, port: int
+    ) -> None:
         self._service = service
+        self._loop_thread = loop_thread
         self._host, self._requested_port = host, port
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
+        self.connections: set[_Connection] = set()
+        self.port = 0
 
     def start(self) -> None:
         """Bind and start serving; raise OSError when the address cannot be used."""
-        self._thread = threading.Thread(target=self._run, name="http-authz", daemon=True)
-        self._thread.start()
-        self._started.wait()
-        if self._error is not None:
-            raise self._error
+        self._server = self._loop_thread.run(
+            self._loop_thread.loop.create_server(
+                lambda: _Connection(self), self._host, self._requested_port, reuse_address=True
+            )
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
 
     def stop(self) -> None:
-        if self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        """Stop accepting connections and close the open ones."""
+        if self._server is not None:
+            self._loop_thread.run(self._close(), timeout=5)
 
     def answer(self, view: RequestView) -> bytes | asyncio.Future[bytes]:
-        """Decide on the loop, or on a worker thread for tokens that need introspection."""
-        token = view.headers.get(AUTHORIZATION, "")
-        if token and token.count(".") != 2 and self._service.engine.introspectors:
-            assert self._loop is not None
-            return self._loop.run_in_executor(None, self._decide, view)
-        return self._decide(view)
-
-    def _decide(self, view: RequestView) -> bytes:
+        """Decide on the loop, or on the wait pool when the call has to wait on the network."""
         started = time.perf_counter()
+        started_ns = time.time_ns()
         try:
-            reply = render(self._service.evaluate(view))
+            reply = render(self._service.evaluate(view, False, started_ns))
+        except WaitNeeded:
+            return self._loop_thread.loop.run_in_executor(
+                self._loop_thread.wait_pool, self._decide_waiting, view, started, started_ns
+            )
         except Exception:
-            reply = render(self._service.internal_error(view, self._service.engine.config.deny))
+            reply = self._internal_error(view)
         self._service.observe_duration(time.perf_counter() - started)
         return reply
 
-    def _run(self) -> None:
+    def _decide_waiting(self, view: RequestView, started: float, started_ns: int) -> bytes:
         try:
-            import uvloop
+            reply = render(self._service.evaluate(view, True, started_ns))
+        except Exception:
+            reply = self._internal_error(view)
+        self._service.observe_duration(time.perf_counter() - started)
+        return reply
 
-            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-        except ImportError:
-            loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        try:
-            self._server = loop.run_until_complete(
-                loop.create_server(
-                    lambda: _Connection(self),
-                    self._host,
-                    self._requested_port,
-                    reuse_address=True,
-                )
-            )
-            self.port = int(self._server.sockets[0].getsockname()[1])
-        except OSError as error:
-            self._error = error
-            self._started.set()
-            return
-        self._started.set()
-        try:
-            loop.run_forever()
-        finally:
-            self._server.close()
-            loop.run_until_complete(self._server.wait_closed())
-            loop.close()
+    def _internal_error(self, view: RequestView) -> bytes:
+        return render(self._service.internal_error(view, self._service.engine.config.deny))
+
+    async def _close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        # Keep-alive connections from Envoy stay open after close(); end them.
+        for connection in list(self.connections):
+            connection.close()
+        await self._server.wait_closed()

@@ -19,7 +19,7 @@ from .config import IssuerConfig
 from .issuer_fetch import Fetcher, FetchError, FetchResult
 from .metrics import Metrics
 from .reasons import Reason
-from .verify import VerificationError, VerifiedToken
+from .verify import VerificationError, VerifiedToken, WaitNeeded
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,15 @@ class Introspector:
         # token hash -> (claims, or None for an inactive token; expiry time)
         self._cache: OrderedDict[bytes, tuple[dict[str, Any] | None, float]] = OrderedDict()
 
-    def introspect(self, token: str) -> VerifiedToken:
-        """Return the active token's claims, or raise VerificationError."""
+    def introspect(self, token: str, may_wait: bool = True) -> VerifiedToken:
+        """Return the active token's claims, or raise VerificationError.
+
+        With `may_wait=False`, a token that is not cached raises WaitNeeded
+        instead of asking the issuer.
+        """
         digest = hashlib.sha256(token.encode()).digest()
         now = self._clock()
-        cached = self._cached(digest, now)
+        cached = self._cached(digest, now, may_wait)
         if cached is None:
             claims = self._ask_issuer(token)
             self._store(digest, claims, now)
@@ -70,10 +74,15 @@ class Introspector:
             )
         return VerifiedToken(issuer=self.config, claims=claims)
 
-    def _cached(self, digest: bytes, now: float) -> tuple[dict[str, Any] | None, float] | None:
+    def _cached(
+        self, digest: bytes, now: float, may_wait: bool
+    ) -> tuple[dict[str, Any] | None, float] | None:
         with self._lock:
             entry = self._cache.get(digest)
             if entry is None or entry[1] <= now:
+                if not may_wait:
+                    # Counted as a miss when the call is repeated on a thread.
+                    raise WaitNeeded
                 self._metrics.introspection_cache.labels(self.config.name, "miss").inc()
                 return None
             self._cache.move_to_end(digest)

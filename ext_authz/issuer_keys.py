@@ -124,7 +124,7 @@ class IssuerKeys:
     def loaded(self) -> bool:
         return self._key_set is not None
 
-    def refetch_for_unknown_kid(self) -> None:
+    def refetch_for_unknown_kid(self, may_wait: bool = True) -> bool:
         """Fetch the key set again because a token names a key the cache lacks.
 
         Concurrent callers share one fetch, and each waits for it at most
@@ -132,14 +132,21 @@ class IssuerKeys:
         the background. While `jwks_min_refetch_seconds` has not passed since
         the last fetch, nothing is fetched, so a flood of tokens with made-up
         `kid` values costs the issuer at most one request per interval.
+
+        With `may_wait=False` (a caller on an event loop) nothing is started
+        and False is returned when the call would have to wait; the caller
+        then repeats the call on a thread that may block. Otherwise it
+        returns True.
         """
         name = self.config.name
         if self._key_set is None and self._fetch_lock.locked():
             # The first load is still running: wait for it instead of
             # starting another fetch, within the same bound.
+            if not may_wait:
+                return False
             if self._fetch_lock.acquire(timeout=self.config.refetch_wait_seconds):
                 self._fetch_lock.release()
-            return
+            return True
         with self._state_lock:
             done = self._refetch_done
             if done is None:
@@ -147,7 +154,9 @@ class IssuerKeys:
                 if now - self._last_attempt < self.config.jwks_min_refetch_seconds:
                     self._metrics.jwks_fetches.labels(name, FetchResult.RATE_LIMITED.value).inc()
                     self._log_rate_limited(now)
-                    return
+                    return True
+                if not may_wait:
+                    return False
                 # Claim the attempt now, so callers arriving before the
                 # fetch thread starts are rate-limited or join this fetch.
                 self._last_attempt = now
@@ -156,7 +165,10 @@ class IssuerKeys:
                 threading.Thread(
                     target=self._refetch, args=(done,), name=f"refetch-{name}", daemon=True
                 ).start()
+            elif not may_wait:
+                return False
         done.wait(self.config.refetch_wait_seconds)
+        return True
 
     def _refetch(self, done: threading.Event) -> None:
         try:

@@ -9,17 +9,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
-from .api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from .config import Config, ConfigError, load_config
+from .event_loop import LoopThread
+from .grpc_authz import GrpcAuthzServer
 from .http_server import OperationsServer
 
 if TYPE_CHECKING:
@@ -31,7 +29,6 @@ from .tracing import build_tracer
 
 log = logging.getLogger(__name__)
 
-AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 # Start-up waits this long for the first key sets, only so the start-up log
 # can report them; serving starts either way.
 INITIAL_KEY_WAIT_SECONDS = 5.0
@@ -69,8 +66,8 @@ class SidecarServer:
         self._reload_lock = threading.Lock()
         # Called once serving has started; a worker process reports its port with it.
         self.on_started: Callable[[], None] | None = None
-        self._health = health.HealthServicer()
-        self._grpc: grpc.Server | None = None
+        self._loop: LoopThread | None = None
+        self._grpc: GrpcAuthzServer | None = None
         self._http: OperationsServer | None = None
         self._http_authz: HttpAuthzServer | None = None
         self.http_authz_port = 0
@@ -85,25 +82,20 @@ class SidecarServer:
         for keys in self.issuer_keys.values():
             keys.start()
 
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=config.server.grpc_threads, thread_name_prefix="check"
-            ),
-            # gRPC sets SO_REUSEPORT by default, so a second sidecar on a taken
-            # port would silently share Envoy's connections instead of failing.
-            options=[("grpc.so_reuseport", 0)],
-        )
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.service, self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        # Both front ends decide on one event loop thread; see event_loop.py.
+        self._loop = LoopThread(config.server.wait_threads)
+        self._loop.start()
+        self._grpc = GrpcAuthzServer(self.service, self._loop, config.server.grpc_address)
         try:
-            self.grpc_port = self._grpc.add_insecure_port(config.server.grpc_address)
+            self._grpc.start()
         except RuntimeError:
+            self._loop.stop()
             self._stop_key_threads()
             raise StartupError(
                 f"cannot listen on {config.server.grpc_address} (server.grpc_address): "
                 "the address is in use or not local; choose another address"
             ) from None
-        self._grpc.start()
+        self.grpc_port = self._grpc.port
         if config.server.http_authz_address is not None:
             self._start_http_authz(config.server.http_authz_address)
 
@@ -115,7 +107,7 @@ class SidecarServer:
                 readiness=self.readiness,
             )
         except OSError as error:
-            self._grpc.stop(None)
+            self._stop_front_ends(0)
             self._stop_key_threads()
             raise StartupError(
                 f"cannot listen on {config.server.http_address} (server.http_address): "
@@ -142,18 +134,19 @@ class SidecarServer:
         from .http_authz import HttpAuthzServer
 
         host, port = _split_address(address)
-        self._http_authz = HttpAuthzServer(self.service, host, port)
+        assert self._loop is not None
+        http_authz = HttpAuthzServer(self.service, self._loop, host, port)
         try:
-            self._http_authz.start()
+            http_authz.start()
         except OSError as error:
-            assert self._grpc is not None
-            self._grpc.stop(None)
+            self._stop_front_ends(0)
             self._stop_key_threads()
             raise StartupError(
                 f"cannot listen on {address} (server.http_authz_address): "
                 f"{error.strerror or error}; choose another address"
             ) from None
-        self.http_authz_port = self._http_authz.port
+        self._http_authz = http_authz
+        self.http_authz_port = http_authz.port
         log.info("serving HTTP ext_authz on %s", _with_port(address, self.http_authz_port))
 
     def stop(self, drain: bool = True, wake: threading.Event | None = None) -> None:
@@ -175,15 +168,20 @@ class SidecarServer:
             (wake or threading.Event()).wait(settings.drain_seconds)
         grace = settings.shutdown_grace_seconds
         log.info("shutting down: finishing in-flight Check calls (grace %g s)", grace)
-        if self._http_authz is not None:
-            self._http_authz.stop()
-        if self._grpc is not None:
-            self._grpc.stop(grace).wait()
+        self._stop_front_ends(grace)
         if self._http is not None:
             self._http.stop()
         self._stop_key_threads()
         self.tracer.shutdown()
         log.info("stopped")
+
+    def _stop_front_ends(self, grace: float) -> None:
+        if self._http_authz is not None:
+            self._http_authz.stop()
+        if self._grpc is not None:
+            self._grpc.stop(grace)
+        if self._loop is not None:
+            self._loop.stop()
 
     def _stop_key_threads(self) -> None:
         for keys in self.issuer_keys.values():
@@ -315,13 +313,8 @@ class SidecarServer:
         self._update_health()
 
     def _update_health(self) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if self.is_ready()
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in ("", AUTHORIZATION_SERVICE):
-            self._health.set(service, status)
+        if self._grpc is not None:
+            self._grpc.set_health(self.is_ready())
 
     def _wait_for_keys(self) -> None:
         # Readiness waits only for the first load of each issuer. Later

@@ -24,7 +24,7 @@ from .reasons import Reason
 from .request_view import RequestView, view_request
 from .response import allow_response, build_response, http_status
 from .tracing import CheckTracer
-from .verify import VerificationError, VerifiedToken, Verifier
+from .verify import VerificationError, VerifiedToken, Verifier, WaitNeeded
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,14 @@ class DecisionEngine:
             if issuer.introspection is not None
         }
 
-    def decide(self, view: RequestView, steps: list[Step] | None = None) -> Decision:
-        """Return the decision for one request; `steps` collects each check when given."""
+    def decide(
+        self, view: RequestView, steps: list[Step] | None = None, may_wait: bool = True
+    ) -> Decision:
+        """Return the decision for one request; `steps` collects each check when given.
+
+        With `may_wait=False` it raises WaitNeeded instead of waiting on the
+        network (a key refetch or an introspection request).
+        """
         policy_name = view.policy_name or self.config.default_policy
         policy = self.config.policy(policy_name)
         if policy is None:
@@ -92,7 +98,7 @@ class DecisionEngine:
         _note(steps, "credential", True, "bearer token found in the Authorization header")
 
         try:
-            verified = self._verify(token, policy)
+            verified = self._verify(token, policy, may_wait)
         except VerificationError as error:
             _note(steps, "verification", False, error.detail)
             return Decision(error.reason, policy.name, policy, error.detail)
@@ -123,15 +129,15 @@ class DecisionEngine:
             client_id=identity.client_id,
         )
 
-    def _verify(self, token: str, policy: PolicyConfig) -> VerifiedToken:
+    def _verify(self, token: str, policy: PolicyConfig, may_wait: bool) -> VerifiedToken:
         # A token that is not a three-part JWS is opaque: it goes to the
         # introspection endpoint of the policy's issuer, when one has it.
         if token.count(".") != 2:
             for issuer_name in policy.issuers:
                 introspector = self.introspectors.get(issuer_name)
                 if introspector is not None:
-                    return introspector.introspect(token)
-        return self._verifier.verify(token, policy.issuers)
+                    return introspector.introspect(token, may_wait)
+        return self._verifier.verify(token, policy.issuers, may_wait)
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
@@ -155,29 +161,49 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         self.engine = DecisionEngine(config, issuer_keys, self._metrics, previous=self.engine)
 
     def Check(self, request: CheckRequest, context: grpc.ServicerContext) -> CheckResponse:
+        """Answer one Check call on the calling thread, waiting on the network when needed.
+
+        The sidecar serves gRPC from grpc_authz.py on an event loop; this
+        synchronous form is for callers in the same process, such as tests.
+        """
         started = time.perf_counter()
         deny = self.engine.config.deny
         try:
             outcome = self.evaluate(view_request(request))
-            response = _grpc_response(outcome)
+            response = grpc_response(outcome)
         except Exception:
             outcome = self.internal_error(None, deny)
             response = build_response(outcome.decision, deny)
         self._metrics.check_duration.observe(time.perf_counter() - started)
         return response
 
-    def evaluate(self, view: RequestView) -> Outcome:
-        """Decide on one request, count it, log a deny and trace it; used by both front ends."""
-        with self._tracer.check_span(view.headers) as span:
-            outcome = self._evaluate(view)
+    def evaluate(
+        self, view: RequestView, may_wait: bool = True, started_ns: int | None = None
+    ) -> Outcome:
+        """Decide on one request, count it, log a deny and trace it; used by both front ends.
+
+        A front end on an event loop passes `may_wait=False`. On WaitNeeded
+        nothing has been counted, logged or traced yet, and it calls again
+        on a thread with `may_wait=True` and the first call's `started_ns`
+        (time.time_ns()), so the trace span covers both.
+        """
+        tracer = self._tracer
+        if started_ns is None:
+            started_ns = time.time_ns()
+        outcome = self._evaluate(view, may_wait)
+        # The span is opened after the decision, with the decision's start
+        # time, so a call that moves to a thread still makes exactly one span.
+        with tracer.check_span(view.headers, started_ns) as span:
             span.record(outcome.label, outcome.decision.reason.label, outcome.decision.policy_name)
         return outcome
 
-    def _evaluate(self, view: RequestView) -> Outcome:
+    def _evaluate(self, view: RequestView, may_wait: bool) -> Outcome:
         engine = self.engine
         deny = engine.config.deny
         try:
-            decision = engine.decide(view)
+            decision = engine.decide(view, may_wait=may_wait)
+        except WaitNeeded:
+            raise
         except Exception:
             return self.internal_error(view, deny)
         if decision.allowed:
@@ -243,7 +269,7 @@ class Outcome:
     deny: DenyConfig
 
 
-def _grpc_response(outcome: Outcome) -> CheckResponse:
+def grpc_response(outcome: Outcome) -> CheckResponse:
     decision = outcome.decision
     if outcome.label == "dry_run_deny":
         assert decision.policy is not None

@@ -78,8 +78,14 @@ class CheckTracer:
 
     enabled = False
 
-    def check_span(self, headers: Mapping[str, str]) -> AbstractContextManager[CheckSpan]:
-        """Return a context manager around one Check call. `headers` has lower-case names."""
+    def check_span(
+        self, headers: Mapping[str, str], start_ns: int | None = None
+    ) -> AbstractContextManager[CheckSpan]:
+        """Return a context manager around one Check call. `headers` has lower-case names.
+
+        `start_ns` (from time.time_ns()) back-dates the span's start, for a
+        span that is opened once the decision is made.
+        """
         return _NOOP_SPAN
 
     def shutdown(self) -> None:
@@ -136,7 +142,9 @@ class _OpenTelemetryCheckTracer(CheckTracer):
         self._status_error = functools.partial(Status, StatusCode.ERROR)
 
     @contextmanager
-    def check_span(self, headers: Mapping[str, str]) -> Iterator[CheckSpan]:
+    def check_span(
+        self, headers: Mapping[str, str], start_ns: int | None = None
+    ) -> Iterator[CheckSpan]:
         carrier = {name: headers[name] for name in TRACE_CONTEXT_HEADERS if name in headers}
         parent = self._propagator.extract(carrier)
         # record_exception=False: an exception message could quote request data.
@@ -145,6 +153,7 @@ class _OpenTelemetryCheckTracer(CheckTracer):
             context=parent,
             kind=self._server_kind,
             attributes=RPC_ATTRIBUTES,
+            start_time=start_ns,
             record_exception=False,
             set_status_on_exception=False,
         ) as span:

@@ -43,6 +43,15 @@ class VerificationError(Exception):
         self.detail = detail
 
 
+class WaitNeeded(Exception):
+    """Deciding needs a network wait, which a caller on an event loop must not do.
+
+    Raised only when the caller passed `may_wait=False`, before anything was
+    counted or started. The caller decides the request again, with
+    `may_wait=True`, on a thread that may block.
+    """
+
+
 @dataclass(slots=True)
 class _CachedVerification:
     verified: VerifiedToken
@@ -93,10 +102,15 @@ class Verifier:
         self._by_name = dict(issuer_keys)
         self.cache = VerifiedTokenCache(cache_size) if cache_size > 0 else None
 
-    def verify(self, token: str, trusted_issuers: Sequence[str]) -> VerifiedToken:
-        """Return the token's issuer and claims once its signature verifies."""
+    def verify(
+        self, token: str, trusted_issuers: Sequence[str], may_wait: bool = True
+    ) -> VerifiedToken:
+        """Return the token's issuer and claims once its signature verifies.
+
+        With `may_wait=False`, raise WaitNeeded instead of waiting for a key refetch.
+        """
         if self.cache is None:
-            return self._verify(token, trusted_issuers)[0]
+            return self._verify(token, trusted_issuers, may_wait)[0]
 
         digest = hashlib.sha256(token.encode()).digest()
         entry = self.cache.get(digest)
@@ -109,11 +123,13 @@ class Verifier:
                 return entry.verified
             self.cache.discard(digest)
 
-        verified, key_set = self._verify(token, trusted_issuers)
+        verified, key_set = self._verify(token, trusted_issuers, may_wait)
         self.cache.put(digest, _CachedVerification(verified, key_set))
         return verified
 
-    def _verify(self, token: str, trusted_issuers: Sequence[str]) -> tuple[VerifiedToken, KeySet]:
+    def _verify(
+        self, token: str, trusted_issuers: Sequence[str], may_wait: bool
+    ) -> tuple[VerifiedToken, KeySet]:
         """Verify the token; return it with the key set that verified its signature."""
 
         try:
@@ -138,7 +154,7 @@ class Verifier:
             raise VerificationError(Reason.TOKEN_MALFORMED, "kid is not a string")
 
         key_set = self._check_signature(
-            keys, kid, algorithm, parsed.signing_input, parsed.signature
+            keys, kid, algorithm, parsed.signing_input, parsed.signature, may_wait
         )
         return VerifiedToken(issuer=issuer, claims=parsed.claims), key_set
 
@@ -149,11 +165,13 @@ class Verifier:
         algorithm: str,
         signing_input: bytes,
         signature: bytes,
+        may_wait: bool,
     ) -> KeySet:
         key_set = keys.keys
         if key_set is None or (kid is not None and not key_set.has_kid(kid)):
             # Unknown kid: the issuer may have rotated its keys since the last fetch.
-            keys.refetch_for_unknown_kid()
+            if not keys.refetch_for_unknown_kid(may_wait):
+                raise WaitNeeded
             key_set = keys.keys
         if key_set is None:
             raise VerificationError(Reason.KEYS_UNAVAILABLE, "no usable key set for the issuer")

@@ -112,6 +112,8 @@ class IssuerServer:
     introspection_credentials: tuple[str, str] = ("ext-authz", "s3cret-value")
     introspection_mode: str = "ok"  # ok, status (HTTP 500) or html
     requests: list[str] = field(default_factory=list)
+    # When set, JWKS and introspection replies wait until the event is set (at most 10 s).
+    hold: threading.Event | None = None
     port: int = 0
 
     @property
@@ -192,6 +194,8 @@ def running_issuer(server: IssuerServer) -> Iterator[IssuerServer]:
         def do_GET(self) -> None:
             server.requests.append(self.path)
             status, headers, body, delay = server.respond(self.path)
+            if server.hold is not None and self.path.startswith("/jwks"):
+                server.hold.wait(10)
             if delay:
                 time.sleep(delay)
             try:
@@ -212,6 +216,8 @@ def running_issuer(server: IssuerServer) -> Iterator[IssuerServer]:
                 key: values[0] for key, values in parse_qs(self.rfile.read(length).decode()).items()
             }
             status, body = server.introspect(self.headers.get("Authorization", ""), form)
+            if server.hold is not None:
+                server.hold.wait(10)
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

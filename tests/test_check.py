@@ -304,7 +304,7 @@ def test_empty_request_denied():
 def test_exception_becomes_internal_error(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
-    def explode(view: object) -> None:
+    def explode(view: object, **options: object) -> None:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(harness.service.engine, "decide", explode)

@@ -18,8 +18,10 @@ from ext_authz.api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 from ext_authz.config import parse_config
 from ext_authz.issuer_keys import IssuerKeys
 from ext_authz.metrics import Metrics
+from ext_authz.request_view import RequestView
 from ext_authz.service import AuthorizationService
 from ext_authz.tracing import SPAN_NAME, CheckTracer, TracingConfig, build_tracer
+from ext_authz.verify import WaitNeeded
 
 from .support import IssuerServer, SigningKey, claims_for
 
@@ -283,17 +285,20 @@ def test_otlp_exporter_loads_beside_api(exporter_first: bool):
     assert result.returncode == 0, result.stderr
 
 
-def test_check_calls_traced_through_servicer(issuer_server: IssuerServer, rsa_key: SigningKey):
-    """The servicer wraps each decision in a span, with the decision labels only."""
+def traced_service(
+    issuer_url: str,
+) -> tuple[AuthorizationService, CheckTracer, InMemorySpanExporter]:
+    """Return a servicer with tracing on, its tracer and the exporter that keeps its spans."""
     config = parse_config(
         {
             "tracing": {"enabled": True},
             "issuers": [
                 {
                     "name": "local",
-                    "issuer": issuer_server.url,
+                    "issuer": issuer_url,
                     "audiences": ["Amplify Central"],
                     "allow_insecure_http": True,
+                    "jwks_min_refetch_seconds": 0,
                 }
             ],
             "policies": [{"name": "default", "issuers": ["local"]}],
@@ -304,7 +309,12 @@ def test_check_calls_traced_through_servicer(issuer_server: IssuerServer, rsa_ke
     keys["local"].refresh()
     exporter = InMemorySpanExporter()
     tracer = build_tracer(config.tracing, exporter=exporter)
-    service = AuthorizationService(config, keys, metrics, tracer)
+    return AuthorizationService(config, keys, metrics, tracer), tracer, exporter
+
+
+def test_check_calls_traced_through_servicer(issuer_server: IssuerServer, rsa_key: SigningKey):
+    """The servicer wraps each decision in a span, with the decision labels only."""
+    service, tracer, exporter = traced_service(issuer_server.url)
     token = rsa_key.sign(claims_for(issuer_server.url))
     request = CheckRequest()
     request.attributes.request.http.headers["authorization"] = f"Bearer {token}"
@@ -319,4 +329,31 @@ def test_check_calls_traced_through_servicer(issuer_server: IssuerServer, rsa_ke
     assert spans[0].attributes["ext_authz.decision"] == "allow"
     assert format(spans[0].context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
     assert all(token not in str(value) for value in spans[0].attributes.values())
+    tracer.shutdown()
+
+
+def test_call_moved_to_wait_pool_makes_one_span(issuer_server: IssuerServer):
+    """A decision that needs a key refetch is tried on the loop, then on a thread: one span."""
+    service, tracer, exporter = traced_service(issuer_server.url)
+    rotated = SigningKey.rsa("rotated")
+    issuer_server.keys.append(rotated)
+    view = RequestView(
+        headers={"authorization": f"Bearer {rotated.sign(claims_for(issuer_server.url))}"},
+        method="GET",
+        host="api.example",
+        path="/",
+        context_extensions={},
+    )
+    started_ns = time.time_ns()
+
+    with pytest.raises(WaitNeeded):
+        service.evaluate(view, False, started_ns)
+    assert exporter.get_finished_spans() == ()
+    outcome = service.evaluate(view, True, started_ns)
+
+    spans = exporter.get_finished_spans()
+    assert outcome.label == "allow"
+    assert len(spans) == 1
+    assert spans[0].start_time == started_ns
+    assert spans[0].attributes["ext_authz.decision"] == "allow"
     tracer.shutdown()

@@ -87,12 +87,6 @@ def _parse_arguments() -> argparse.Namespace:
         "--threads", type=int, default=4, help="client threads per process (default %(default)s)"
     )
     parser.add_argument(
-        "--grpc-threads",
-        type=int,
-        default=16,
-        help="the sidecar's server.grpc_threads (default %(default)s)",
-    )
-    parser.add_argument(
         "--verified-token-cache-size",
         type=int,
         default=10000,
@@ -115,7 +109,6 @@ def _start_sidecar(workdir: Path, issuer_url: str, arguments: argparse.Namespace
         "server": {
             "grpc_address": f"{LOOPBACK}:{grpc_port}",
             "http_address": f"{LOOPBACK}:{http_port}",
-            "grpc_threads": arguments.grpc_threads,
             "verified_token_cache_size": arguments.verified_token_cache_size,
         },
         "logging": {"level": "warning", "format": "json"},
@@ -189,7 +182,6 @@ def _measure(sidecar: Sidecar, token: str, arguments: argparse.Namespace) -> dic
             "seconds": round(wall, 1),
             "client_processes": arguments.processes,
             "client_threads_per_process": arguments.threads,
-            "sidecar_grpc_threads": arguments.grpc_threads,
             "sidecar_verified_token_cache_size": arguments.verified_token_cache_size,
         },
         "calls": calls,
