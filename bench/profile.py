@@ -32,8 +32,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jwt.algorithms import get_default_algorithms
-
 from bench.issuer import BenchIssuer, bare_verify_seconds, check_request, grpc_frame
 from bench.load import GRPC_HEADERS, h2load
 from bench.processes import ProcessGroup, cpu_seconds
@@ -41,6 +39,7 @@ from bench.servers import BENCH, REPOSITORY, Server, Servers, sidecar_config
 from ext_authz.api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 from ext_authz.config import parse_config
 from ext_authz.server import SidecarServer
+from ext_authz.signatures import SIGNATURE_CHECKS
 from ext_authz.token import parse_token
 
 SAMPLING_RATE_HZ = 250
@@ -49,7 +48,10 @@ ROUNDS = 5
 STEP_SECONDS = 0.2
 # Categories in the order a stack is tested against them, innermost frame first.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("signature verify (PyJWT algorithms, cryptography)", ("jwt/", "cryptography/")),
+    (
+        "signature verify (ext_authz/signatures.py, cryptography)",
+        ("signatures.py", "cryptography/"),
+    ),
     ("protobuf parse/serialize (grpc/_common.py)", ("google/protobuf/", "grpc/_common.py")),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("our decision code (ext_authz)", ("ext_authz/",)),
@@ -120,7 +122,7 @@ def _in_process(issuer: BenchIssuer) -> list[str]:
     key = issuer.keys["ES256"].public_key()
     parts: list[tuple[str, Callable[[], Any]]] = [
         ("parse_token, ES256 token (split, base64url, JSON)", lambda: parse_token(es256)),
-        ("PyJWT ES256 verify (raw to DER, then cryptography)", lambda: _pyjwt_verify(es256, key)),
+        ("ES256 signature check (raw to DER, then cryptography)", lambda: _es256_check(es256, key)),
     ]
     bare = {
         algorithm: f"bare {algorithm} verify (cryptography)" for algorithm in ("RS256", "ES256")
@@ -149,13 +151,11 @@ def _in_process(issuer: BenchIssuer) -> list[str]:
     return lines
 
 
-def _pyjwt_verify(token: str, public_key: Any) -> None:
-    """Verify an ES256 token's signature the way ext_authz/verify.py does, through PyJWT."""
+def _es256_check(token: str, public_key: Any) -> None:
+    """Check an ES256 token's signature the way ext_authz/verify.py does."""
     header, payload, signature = token.split(".")
     raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
-    if not get_default_algorithms()["ES256"].verify(
-        f"{header}.{payload}".encode(), public_key, raw
-    ):
+    if not SIGNATURE_CHECKS["ES256"](f"{header}.{payload}".encode(), public_key, raw):
         raise RuntimeError("the benchmark's ES256 token did not verify")
 
 

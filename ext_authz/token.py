@@ -6,7 +6,6 @@ chosen by configuration; the header only names which configured key to use.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import re
@@ -16,6 +15,12 @@ from typing import Any
 # RFC 7515 §2: base64url without padding. Python's decoder accepts padding,
 # '+', '/' and stray characters, so the alphabet is checked first.
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_SIXTET = {character: value for value, character in enumerate(_ALPHABET)}
+_TO_STANDARD_ALPHABET = bytes.maketrans(b"-_", b"+/")
+# Low bits of the last character that carry no data, by segment length
+# modulo 4 (RFC 4648 §4): 2 characters hold 1 byte, 3 characters hold 2.
+_SPARE_BITS = {0: 0, 2: 0b1111, 3: 0b11}
 
 
 class MalformedTokenError(ValueError):
@@ -99,14 +104,16 @@ _JSON = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_no_c
 def _decode_segment(segment: str, name: str) -> bytes:
     if not segment and name != "signature":
         raise MalformedTokenError(f"the {name} is empty")
-    if not _BASE64URL.fullmatch(segment) or len(segment) % 4 == 1:
+    remainder = len(segment) % 4
+    if remainder == 1 or not _BASE64URL.fullmatch(segment):
         raise MalformedTokenError(f"the {name} is not unpadded base64url")
+    # The decoder ignores the spare low bits of the last character, so several
+    # strings decode to the same bytes; only the canonical one, with those
+    # bits zero, is accepted.
+    if remainder and _SIXTET[segment[-1]] & _SPARE_BITS[remainder]:
+        raise MalformedTokenError(f"the {name} is not canonical base64url")
     try:
-        decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        standard = segment.encode("ascii").translate(_TO_STANDARD_ALPHABET)
+        return binascii.a2b_base64(standard + b"=" * (-len(segment) % 4))
     except (binascii.Error, ValueError):
         raise MalformedTokenError(f"the {name} is not unpadded base64url") from None
-    # The decoder ignores the spare low bits of the last character, so several
-    # strings decode to the same bytes; only the canonical one is accepted.
-    if base64.urlsafe_b64encode(decoded).rstrip(b"=").decode("ascii") != segment:
-        raise MalformedTokenError(f"the {name} is not canonical base64url")
-    return decoded

@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 import pytest
-from jwt.algorithms import RSAAlgorithm
+
+from ext_authz.signatures import SIGNATURE_CHECKS
 
 from .support import IssuerServer, SigningKey, claims_for
 from .test_check import Harness
@@ -36,15 +37,15 @@ def cache_config(url: str, size: int = 100, **issuer: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def verifications(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count RSA signature verifications."""
+    """Count RS256 signature verifications."""
     calls: list[int] = []
-    original = RSAAlgorithm.verify
+    original = SIGNATURE_CHECKS["RS256"]
 
-    def counting(self: RSAAlgorithm, message: bytes, key: Any, signature: bytes) -> bool:
+    def counting(signing_input: bytes, key: Any, signature: bytes) -> bool:
         calls.append(1)
-        return original(self, message, key, signature)
+        return original(signing_input, key, signature)
 
-    monkeypatch.setattr(RSAAlgorithm, "verify", counting)
+    monkeypatch.setitem(SIGNATURE_CHECKS, "RS256", counting)
     return calls
 
 
