@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .config import PolicyConfig
 from .policy import Identity
@@ -21,6 +22,8 @@ class Decision:
     # Known once the token's signature verified, so logs may name the caller.
     issuer_name: str | None = None
     client_id: str | None = None
+    # The verification's memo of rendered allow responses (VerifiedToken.rendered).
+    rendered: dict[tuple[int, str], tuple[Any, Any]] | None = None
 
     @property
     def allowed(self) -> bool:

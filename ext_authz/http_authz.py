@@ -22,9 +22,11 @@ import time
 
 import httptools
 
+from .config import DenyConfig
+from .decision import Decision
 from .event_loop import LoopThread
 from .request_view import POLICY_EXTENSION, RequestView
-from .response import deny_parts, upstream_headers
+from .response import deny_parts, rendered_allow, upstream_headers
 from .service import AuthorizationService, Outcome
 from .verify import WaitNeeded
 
@@ -46,10 +48,20 @@ _STATUS_TEXT = {
 
 def render(outcome: Outcome) -> bytes:
     """Return the full HTTP/1.1 reply for a decision."""
-    decision = outcome.decision
-    if outcome.label == "deny":
+    if outcome.label == "allow":
+        return rendered_allow(outcome.decision, "http", _render_allow)
+    return _render(outcome.decision, outcome.label, outcome.deny)
+
+
+def _render_allow(decision: Decision) -> bytes:
+    return _render(decision, "allow", None)
+
+
+def _render(decision: Decision, label: str, deny: DenyConfig | None) -> bytes:
+    if label == "deny":
+        assert deny is not None
         status, challenge, body = deny_parts(
-            decision.reason, decision.policy_name, decision.policy, outcome.deny
+            decision.reason, decision.policy_name, decision.policy, deny
         )
         # Envoy takes a 5xx reply for a failure of the authorization service,
         # which failure_mode_allow would let through. A deny must stay a deny,
@@ -60,7 +72,7 @@ def render(outcome: Outcome) -> bytes:
         payload = body.encode()
     else:
         assert decision.policy is not None
-        identity = decision.identity if outcome.label == "allow" else None
+        identity = decision.identity if label == "allow" else None
         headers, to_remove = upstream_headers(decision.policy, identity)
         if to_remove:
             headers = [*headers, (HEADERS_TO_REMOVE, ",".join(to_remove))]

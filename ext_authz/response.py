@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import BoolValue
@@ -24,6 +26,8 @@ from .config import (
 from .decision import Decision
 from .policy import Identity
 from .reasons import Reason, StatusKind
+
+T = TypeVar("T")
 
 # Client copies of these never reach the upstream, whatever the policy sets.
 _DEFAULT_HEADER_NAMES = tuple(name for name, _ in DEFAULT_IDENTITY_HEADERS)
@@ -120,6 +124,28 @@ def deny_response(
     response = CheckResponse(denied_response=denied)
     response.status.code = _GRPC_CODE[reason.status_kind]
     response.status.message = reason.label
+    return response
+
+
+def rendered_allow(decision: Decision, front_end: str, render: Callable[[Decision], T]) -> T:
+    """Return the allow response for `decision`, rendered once per verification and policy.
+
+    The identity of an allow is a function of the verified claims, the
+    policy and the configuration the policy object belongs to (a reload makes
+    new policy objects). So while the verified-token cache keeps a token's
+    verification, its allow response for one policy is always the same and is
+    reused. The decision itself, with the time checks, is made on every call.
+    """
+    memo, policy = decision.rendered, decision.policy
+    if memo is None:
+        return render(decision)
+    key = (id(policy), front_end)
+    entry = memo.get(key)
+    # The policy object is kept in the entry, so its id cannot be reused.
+    if entry is not None and entry[0] is policy:
+        return entry[1]  # type: ignore[no-any-return]
+    response = render(decision)
+    memo[key] = (policy, response)
     return response
 
 

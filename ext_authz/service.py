@@ -22,7 +22,7 @@ from .metrics import Metrics
 from .policy import apply_policy
 from .reasons import Reason
 from .request_view import RequestView, view_request
-from .response import allow_response, build_response, http_status
+from .response import allow_response, build_response, http_status, rendered_allow
 from .tracing import CheckTracer
 from .verify import VerificationError, VerifiedToken, Verifier, WaitNeeded
 
@@ -88,7 +88,8 @@ class DecisionEngine:
             )
             _note(steps, "policy", False, detail)
             return Decision(Reason.POLICY_UNKNOWN, UNKNOWN_POLICY, detail=detail)
-        _note(steps, "policy", True, f"policy {policy.name!r}")
+        if steps is not None:
+            _note(steps, "policy", True, f"policy {policy.name!r}")
 
         try:
             token = bearer_token(view, self.config.server.max_token_length)
@@ -102,7 +103,8 @@ class DecisionEngine:
         except VerificationError as error:
             _note(steps, "verification", False, error.detail)
             return Decision(error.reason, policy.name, policy, error.detail)
-        _note(steps, "verification", True, f"vouched for by issuer {verified.issuer.name!r}")
+        if steps is not None:
+            _note(steps, "verification", True, f"vouched for by issuer {verified.issuer.name!r}")
 
         issuer_name = verified.issuer.name
         try:
@@ -127,6 +129,7 @@ class DecisionEngine:
             identity=identity,
             issuer_name=issuer_name,
             client_id=identity.client_id,
+            rendered=verified.rendered,
         )
 
     def _verify(self, token: str, policy: PolicyConfig, may_wait: bool) -> VerifiedToken:
@@ -188,7 +191,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         (time.time_ns()), so the trace span covers both.
         """
         tracer = self._tracer
-        if started_ns is None:
+        if started_ns is None and tracer.enabled:
             started_ns = time.time_ns()
         outcome = self._evaluate(view, may_wait)
         # The span is opened after the decision, with the decision's start
@@ -271,10 +274,17 @@ class Outcome:
 
 def grpc_response(outcome: Outcome) -> CheckResponse:
     decision = outcome.decision
+    if outcome.label == "allow":
+        return rendered_allow(decision, "grpc", _grpc_allow)
     if outcome.label == "dry_run_deny":
         assert decision.policy is not None
         return allow_response(decision.policy, None)
     return build_response(decision, outcome.deny)
+
+
+def _grpc_allow(decision: Decision) -> CheckResponse:
+    assert decision.policy is not None
+    return allow_response(decision.policy, decision.identity)
 
 
 def _client_id_for_log(verified: VerifiedToken) -> str | None:

@@ -12,7 +12,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import IssuerConfig
@@ -29,6 +29,9 @@ class VerifiedToken:
 
     issuer: IssuerConfig
     claims: dict[str, Any]
+    # Allow responses rendered for these claims, per policy and front end.
+    # See response.rendered_allow.
+    rendered: dict[tuple[int, str], tuple[Any, Any]] = field(default_factory=dict)
 
 
 class VerificationError(Exception):

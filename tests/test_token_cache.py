@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
+from ext_authz.config import parse_config
 from ext_authz.signatures import SIGNATURE_CHECKS
 
 from .support import IssuerServer, SigningKey, claims_for
-from .test_check import Harness
+from .test_check import Harness, headers_of
 
 
 def cache_config(url: str, size: int = 100, **issuer: Any) -> dict[str, Any]:
@@ -161,3 +162,36 @@ def test_invalid_tokens_not_cached(issuer_server: IssuerServer, rsa_key: Signing
     cache = harness.service.engine._verifier.cache
     assert cache is not None
     assert len(cache) == 0
+
+
+# The allow response of a cached verification is rendered once per policy.
+
+
+def test_allow_response_rendered_per_policy(issuer_server: IssuerServer, rsa_key: SigningKey):
+    document = cache_config(issuer_server.url)
+    document["policies"][0]["headers"] = {"x-caller": "sub"}
+    document["policies"][1] = {"name": "named", "issuers": ["local"], "headers": {"x-who": "sub"}}
+    harness = Harness(document)
+    token = rsa_key.sign(claims_for(issuer_server.url, sub="alice"))
+
+    first = harness.check(f"Bearer {token}")
+    again = harness.check(f"Bearer {token}")
+    other = harness.check(f"Bearer {token}", policy="named")
+
+    assert headers_of(first)["x-caller"] == "alice"
+    assert again == first
+    assert headers_of(other)["x-who"] == "alice"
+    assert "x-caller" not in headers_of(other)
+
+
+def test_reload_renders_allow_response_again(issuer_server: IssuerServer, rsa_key: SigningKey):
+    document = cache_config(issuer_server.url)
+    harness = Harness(document)
+    token = rsa_key.sign(claims_for(issuer_server.url, sub="alice"))
+    assert "x-caller" not in headers_of(harness.check(f"Bearer {token}"))
+
+    document["policies"][0]["headers"] = {"x-caller": "sub"}
+    harness.service.replace_config(parse_config(document), harness.keys)
+
+    assert headers_of(harness.check(f"Bearer {token}"))["x-caller"] == "alice"
+    assert harness.count("ok", decision="allow") == 2
