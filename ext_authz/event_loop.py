@@ -48,8 +48,8 @@ class LoopThread:
         if self._thread is not None and self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=STOP_JOIN_SECONDS)
-        # Calls still waiting on the network finish in the background; the
-        # process is about to exit.
+        # Calls still waiting on the network finish in the background,
+        # because the process is about to exit.
         self.wait_pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:

@@ -164,7 +164,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         self.engine = DecisionEngine(config, issuer_keys, self._metrics, previous=self.engine)
 
     def Check(self, request: CheckRequest, context: grpc.ServicerContext) -> CheckResponse:
-        """Answer one Check call on the calling thread, waiting on the network when needed.
+        """Decide one Check call on the calling thread, waiting on the network when needed.
 
         The sidecar serves gRPC from grpc_authz.py on an event loop; this
         synchronous form is for callers in the same process, such as tests.

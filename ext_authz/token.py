@@ -108,7 +108,7 @@ def _decode_segment(segment: str, name: str) -> bytes:
     if remainder == 1 or not _BASE64URL.fullmatch(segment):
         raise MalformedTokenError(f"the {name} is not unpadded base64url")
     # The decoder ignores the spare low bits of the last character, so several
-    # strings decode to the same bytes; only the canonical one, with those
+    # strings decode to the same bytes. Only the canonical one, with those
     # bits zero, is accepted.
     if remainder and _SIXTET[segment[-1]] & _SPARE_BITS[remainder]:
         raise MalformedTokenError(f"the {name} is not canonical base64url")

@@ -44,7 +44,7 @@ class VerificationError(Exception):
 
 
 class WaitNeeded(Exception):
-    """Deciding needs a network wait, which a caller on an event loop must not do.
+    """A network wait that the decision needs and that a caller on an event loop must not make.
 
     Raised only when the caller passed `may_wait=False`, before anything was
     counted or started. The caller decides the request again, with

@@ -3,7 +3,7 @@
 Both front ends decide on one event loop. A key refetch for an unknown `kid`
 or an introspection request would stall every other call on that loop, so
 such a call is decided again on a thread. The tests hold the issuer's reply
-with an event, so they check the order of answers, never a duration.
+with an event, so they check the order of the replies, never a duration.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .test_policies import active_reply
 # Unit level: nothing is started, counted or cached when the caller may not wait.
 
 
-def test_refetch_not_started_when_caller_may_not_wait(issuer_server: IssuerServer):
+def test_refetch_not_started_without_wait(issuer_server: IssuerServer):
     metrics = Metrics()
     keys = IssuerKeys(issuer_config(issuer_server.url, jwks_min_refetch_seconds=0), metrics)
     keys.refresh()
@@ -50,7 +50,7 @@ def test_refetch_not_started_when_caller_may_not_wait(issuer_server: IssuerServe
     assert refetches is None
 
 
-def test_rate_limited_refetch_answers_without_wait(issuer_server: IssuerServer):
+def test_rate_limited_refetch_returns_without_wait(issuer_server: IssuerServer):
     metrics = Metrics()
     keys = IssuerKeys(issuer_config(issuer_server.url, jwks_min_refetch_seconds=30), metrics)
     keys.refresh()
@@ -121,7 +121,7 @@ def test_uncached_opaque_token_decided_again_with_wait(issuer_server: IssuerServ
     assert introspection_cache(harness, "hit") == 1
 
 
-# Through the running server: the loop keeps answering while one call waits.
+# Through the running server: the loop keeps deciding other calls while one call waits.
 
 
 @pytest.fixture
