@@ -1,8 +1,10 @@
 """The floor: a grpcio Authorization servicer that allows every call with a fixed response.
 
-It uses the sidecar's server options (a ThreadPoolExecutor of `--threads`
-workers, 16 like `server.grpc_threads`), so the cost it shows is what
-Python gRPC itself costs per Check call, with no decision code.
+By default it runs the sidecar's server model (`grpc.aio` on uvloop, with
+the same server options), so the cost it shows is what Python gRPC itself
+costs per Check call, with no decision code. `--model` selects the other
+models that were compared: grpcio's thread-pool server, and `grpc.aio` on
+asyncio's own loop.
 
     python -m bench.floor_server --address 127.0.0.1:50051
 """
@@ -47,7 +49,7 @@ class FixedAllowAioServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
 
 async def _serve_aio(address: str) -> None:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(FixedAllowAioServicer(), server)
     server.add_insecure_port(address)
     await server.start()
@@ -64,14 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", required=True, help="HOST:PORT to listen on")
     parser.add_argument(
-        "--threads", type=int, default=16, help="worker threads (default %(default)s)"
+        "--threads",
+        type=int,
+        default=16,
+        help="worker threads of the sync model (default %(default)s)",
     )
     parser.add_argument(
         "--model",
         choices=("sync", "aio", "aio-uvloop"),
-        default="sync",
-        help="sync: grpc.server with a thread pool (the sidecar's model); aio: grpc.aio on "
-        "asyncio; aio-uvloop: grpc.aio on uvloop (default %(default)s)",
+        default="aio-uvloop",
+        help="aio-uvloop: grpc.aio on uvloop (the sidecar's model); aio: grpc.aio on asyncio; "
+        "sync: grpc.server with a thread pool (default %(default)s)",
     )
     arguments = parser.parse_args(argv)
     if arguments.model == "aio-uvloop":
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=arguments.threads, thread_name_prefix="check")
+        futures.ThreadPoolExecutor(max_workers=arguments.threads, thread_name_prefix="check"),
+        options=[("grpc.so_reuseport", 0)],
     )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(FixedAllowServicer(), server)
     server.add_insecure_port(arguments.address)

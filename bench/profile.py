@@ -1,6 +1,5 @@
-"""Profile of a Check call: in-process costs per step, and py-spy samples under load.
+"""Profile of a Check call: in-process costs per step, and CPU per call under load by parts.
 
-    .venv/bin/pip install py-spy
     .venv/bin/python -m bench.profile
 
 Part 1 times the steps of one Check call in this process, one thread, no
@@ -9,10 +8,18 @@ code and response building) with the verified-token cache on and off, and
 serializing the response. cProfile then lists the functions that cost most
 inside Check.
 
-Part 2 runs the floor servicer and the sidecar under the benchmark's gRPC
-load (h2load, 2 connections x 8 streams). Meanwhile `py-spy record --gil`
-samples the thread that holds the GIL. Each sample counts for the package of
-its innermost known frame: signature verify, protobuf, metrics, our code or gRPC.
+Part 2 puts servers under the benchmark's gRPC load (h2load, 2 connections
+x 8 streams) and measures their CPU time per call: the floor servicer, the
+sidecar with its Check handler cut down (bench/sidecar_variant.py), and the
+whole sidecar. Each row is compared with the row that lacks one part, so the
+differences are what the sidecar's process, the decision and the response
+cost under load. The rows take turns, so a change in the machine's speed
+affects them alike.
+
+A sampling profiler is no help under load here. py-spy 0.4.3 reports the
+sidecar's event-loop thread as idle, because uvloop and grpc.aio run the
+handlers from native code.
+
 The report goes to stdout and to bench/results/profile.md.
 """
 
@@ -22,12 +29,9 @@ import argparse
 import base64
 import cProfile
 import pstats
-import shutil
 import statistics
-import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,28 +46,18 @@ from ext_authz.server import SidecarServer
 from ext_authz.signatures import SIGNATURE_CHECKS
 from ext_authz.token import parse_token
 
-SAMPLING_RATE_HZ = 250
 ROUNDS = 5
 # CPU seconds of one timing of one step.
 STEP_SECONDS = 0.2
-# Categories in the order a stack is tested against them, innermost frame first.
-CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (
-        "signature verify (ext_authz/signatures.py, cryptography)",
-        ("signatures.py", "cryptography/"),
-    ),
-    ("protobuf parse/serialize (grpc/_common.py)", ("google/protobuf/", "grpc/_common.py")),
-    ("metrics (prometheus_client)", ("prometheus_client/",)),
-    ("our decision code (ext_authz)", ("ext_authz/",)),
-    ("gRPC Python server (grpc/_server.py and the rest of grpc/)", ("grpc/",)),
-)
-THREAD_POOL = "thread pool and locks (concurrent.futures, threading), outside the above"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument(
-        "--seconds", type=float, default=10.0, help="seconds of sampling per server (default 10)"
+        "--seconds",
+        type=float,
+        default=4.0,
+        help="seconds of load per server and round (default %(default)s)",
     )
     parser.add_argument(
         "--workdir",
@@ -72,10 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for configs, logs and raw profiles (default .cache/bench-profile)",
     )
     arguments = parser.parse_args(argv)
-    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
-    if py_spy is None:
-        print("error: py-spy was not found; install it with .venv/bin/pip install py-spy")
-        return 2
     arguments.workdir.mkdir(parents=True, exist_ok=True)
 
     issuer = BenchIssuer()
@@ -84,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lines = ["## In-process cost per step (one thread, no gRPC)", ""]
         lines += _in_process(issuer)
-        lines += ["", "## GIL-holding samples under load (py-spy record --gil)", ""]
-        lines += _under_load(issuer, processes, py_spy, arguments.seconds)
+        lines += ["", "## CPU per call under load, by parts", ""]
+        lines += _under_load(issuer, processes, arguments.seconds)
     finally:
         processes.stop_all()
         issuer.stop()
@@ -216,9 +206,7 @@ def _short_path(path: str) -> str:
 # Part 2
 
 
-def _under_load(
-    issuer: BenchIssuer, processes: ProcessGroup, py_spy: str, seconds: float
-) -> list[str]:
+def _under_load(issuer: BenchIssuer, processes: ProcessGroup, seconds: float) -> list[str]:
     workdir = processes.workdir
     bodies = {}
     for algorithm in ("RS256", "ES256"):
@@ -226,71 +214,61 @@ def _under_load(
         body.write_bytes(grpc_frame(check_request(issuer.token(algorithm)).SerializeToString()))
         bodies[algorithm] = body
     servers = Servers(processes, issuer, issuer.token("RS256"))
+    rs256, es256 = bodies["RS256"], bodies["ES256"]
+    # (row, server, request body, the row it is compared with)
     runs = [
-        ("floor", servers.start_floor(), bodies["RS256"]),
-        ("ours, cached RS256", servers.start_sidecar("ours-cached", 10000), bodies["RS256"]),
-        ("ours, uncached ES256", servers.start_sidecar("ours-uncached", 0), bodies["ES256"]),
+        ("A floor servicer", servers.start_floor(), rs256, None),
+        (
+            "B sidecar, handler returns a fixed response",
+            servers.start_sidecar("fixed-response", 10000, variant="fixed-response"),
+            rs256,
+            "A",
+        ),
+        (
+            "C sidecar, handler decides (cached RS256), returns a fixed response",
+            servers.start_sidecar("decide-only", 10000, variant="decide-only"),
+            rs256,
+            "B",
+        ),
+        (
+            "D sidecar, handler decides twice (cached RS256), returns a fixed response",
+            servers.start_sidecar("decide-twice", 10000, variant="decide-twice"),
+            rs256,
+            "C",
+        ),
+        ("E sidecar, cached RS256", servers.start_sidecar("cached", 10000), rs256, "C"),
+        ("F sidecar, uncached ES256", servers.start_sidecar("uncached", 0), es256, "E"),
     ]
-    names = [name for name, _, _ in runs]
-    shares: dict[str, dict[str, float]] = {}
-    notes = []
-    for name, server, body in runs:
-        print(f"profile: sampling {name}", file=sys.stderr, flush=True)
-        samples, gil_share, calls, cpu = _sample(py_spy, server, body, seconds, workdir)
-        total = sum(samples.values()) or 1
-        shares[name] = {category: count / total for category, count in samples.items()}
-        notes.append(
-            f"- {name}: {calls / seconds:,.0f} calls/s, {cpu / calls * 1e6:.0f} µs CPU per call, "
-            f"a thread held the GIL in {gil_share:.0%} of the samples."
-        )
+    per_call: dict[str, list[float]] = {name[0]: [] for name, *_ in runs}
+    rates: dict[str, list[float]] = {name[0]: [] for name, *_ in runs}
+    for round_number in range(1, ROUNDS + 1):
+        print(f"profile: load round {round_number} of {ROUNDS}", file=sys.stderr, flush=True)
+        for name, server, body, _ in runs:
+            calls, cpu = _load(server, body, seconds, workdir)
+            per_call[name[0]].append(cpu / calls)
+            rates[name[0]].append(calls / seconds)
 
-    categories = [category for category, _ in CATEGORIES] + [THREAD_POOL, "other"]
-    lines = ["| share of GIL-holding samples | " + " | ".join(names) + " |"]
-    lines.append("|---|" + "--:|" * len(names))
-    for category in categories:
-        values = [shares[name].get(category, 0.0) for name in names]
-        lines.append(f"| {category} | " + " | ".join(f"{value:.0%}" for value in values) + " |")
-    return [*lines, "", *notes]
+    lines = [
+        f"| server | calls/s, median | CPU µs/call, median of {ROUNDS} | difference |",
+        "|---|--:|--:|--:|",
+    ]
+    for name, _, _, baseline in runs:
+        cost = statistics.median(per_call[name[0]]) * 1e6
+        difference = "—"
+        if baseline is not None:
+            baseline_cost = statistics.median(per_call[baseline]) * 1e6
+            difference = f"{cost - baseline_cost:+.0f} over {baseline}"
+        rate = statistics.median(rates[name[0]])
+        lines.append(f"| {name} | {rate:,.0f} | {cost:.0f} | {difference} |")
+    return lines
 
 
-def _sample(
-    py_spy: str, server: Server, body: Path, seconds: float, workdir: Path
-) -> tuple[Counter[str], float, int, float]:
-    """Profile `server` under load.
-
-    Return the samples per category, the share of samples in which a thread
-    held the GIL, the completed calls and the server's CPU seconds.
-    """
-    raw = workdir / f"{server.name}.pyspy.txt"
-    h2load(
-        server.check_urls,
-        duration=2,
-        connections=2,
-        streams=8,
-        body=body,
-        headers=GRPC_HEADERS,
-        log_file=workdir / "warmup.tsv",
-    )
-    spy = subprocess.Popen(
-        [
-            py_spy,
-            "record",
-            "--pid",
-            str(server.pid),
-            "--gil",
-            "--nonblocking",
-            f"--rate={SAMPLING_RATE_HZ}",
-            f"--duration={round(seconds)}",
-            "--format=raw",
-            f"--output={raw}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def _load(server: Server, body: Path, seconds: float, workdir: Path) -> tuple[int, float]:
+    """Put `server` under load; return the completed calls and the server's CPU seconds."""
     cpu_before = cpu_seconds(server.pid)
     result = h2load(
         server.check_urls,
-        duration=seconds + 1,
+        duration=seconds,
         connections=2,
         streams=8,
         body=body,
@@ -298,25 +276,7 @@ def _sample(
         log_file=workdir / "profile.tsv",
     )
     cpu_after = cpu_seconds(server.pid)
-    spy.wait(timeout=60)
-
-    samples: Counter[str] = Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        samples[_categorize(stack.split(";"))] += int(count)
-    gil_share = sum(samples.values()) / (SAMPLING_RATE_HZ * round(seconds))
-    return samples, gil_share, result.requests, cpu_after - cpu_before
-
-
-def _categorize(frames: list[str]) -> str:
-    """Name the category of the innermost frame that belongs to a known package."""
-    for frame in reversed(frames):
-        for category, markers in CATEGORIES:
-            if any(f"({marker}" in frame or f"/{marker}" in frame for marker in markers):
-                return category
-    if any("concurrent/futures" in frame or "threading.py" in frame for frame in frames):
-        return THREAD_POOL
-    return "other"
+    return result.requests, cpu_after - cpu_before
 
 
 if __name__ == "__main__":

@@ -106,9 +106,18 @@ class Servers:
         return server
 
     def start_sidecar(
-        self, name: str, cache_size: int, workers: int = 1, http_front_end: bool = False
+        self,
+        name: str,
+        cache_size: int,
+        workers: int = 1,
+        http_front_end: bool = False,
+        variant: str | None = None,
     ) -> Server:
-        """Start `ext-authz serve`. With several workers, worker i listens on the gRPC port + i."""
+        """Start `ext-authz serve`. With several workers, worker i listens on the gRPC port + i.
+
+        `variant` names a handler of bench/sidecar_variant.py to run instead
+        of the real one; such a sidecar allows every call.
+        """
         grpc_port, http_port = free_ports(workers), free_port()
         config = sidecar_config(self.issuer, grpc_port, http_port, cache_size)
         if workers != 1:
@@ -119,9 +128,12 @@ class Servers:
         config_file = self.workdir / f"{name}.yaml"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
+        command = [sys.executable, "-m", "ext_authz.cli", "serve"]
+        if variant is not None:
+            command = [sys.executable, "-m", "bench.sidecar_variant", variant]
         process = self.processes.spawn(
             name,
-            [sys.executable, "-m", "ext_authz.cli", "serve", "--config", str(config_file)],
+            [*command, "--config", str(config_file)],
             # The second SIGTERM ends the drain period at once.
             stop_signals=(signal.SIGTERM, signal.SIGTERM),
             cwd=REPOSITORY,
@@ -147,7 +159,7 @@ class Servers:
                 raise RuntimeError(
                     f"{name} on port {port} did not allow a valid token; see {name}.log"
                 )
-            if _answers_allow(port, None):
+            if variant is None and _answers_allow(port, None):
                 raise RuntimeError(
                     f"{name} on port {port} allowed a request without a token; see {name}.log"
                 )
