@@ -82,7 +82,7 @@ def test_other_key_rejected(algorithm: str):
 
 
 def test_ecdsa_der_signature_rejected():
-    """RFC 7518 §3.4 signatures are raw R and S; a DER-encoded one is not accepted."""
+    """RFC 7518 §3.4 signatures are raw R and S. A DER-encoded one is not accepted."""
     private_key = _PRIVATE_KEYS["ES256"]
     signing_input = b"header.payload"
     der = private_key.sign(signing_input, ec.ECDSA(hashes.SHA256()))
