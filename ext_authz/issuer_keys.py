@@ -237,8 +237,8 @@ class IssuerKeys:
             log.warning("issuer %s: key fetch failed: %s; no keys loaded yet", name, error)
         else:
             log.warning(
-                "issuer %s: key fetch failed: %s; keeping the %d keys fetched %.0f s ago "
-                "(usable up to jwks_max_stale_seconds=%d)",
+                "issuer %s: key fetch failed: %s; keeping the key set of %d key(s) fetched "
+                "%.0f s ago (usable up to jwks_max_stale_seconds=%d)",
                 name,
                 error,
                 len(self._key_set),
