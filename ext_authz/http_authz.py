@@ -94,7 +94,8 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
-        self._pending: asyncio.Future[bytes] | None = None
+        # Decisions moved to the wait pool, cancelled if the connection closes first.
+        self._pending: set[asyncio.Future[bytes]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -103,6 +104,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, error: Exception | None) -> None:
         self._server.connections.discard(self)
         self._transport = None
+        # Envoy gave up on these calls. A call still queued for a pool thread
+        # is dropped, so it sends no request that no one would read.
+        for pending in list(self._pending):
+            pending.cancel()
 
     def close(self) -> None:
         if self._transport is not None:
@@ -152,7 +157,13 @@ class _Connection(asyncio.Protocol):
         if isinstance(reply, bytes):
             self._write(reply)
         else:
-            reply.add_done_callback(lambda done: self._write(done.result()))
+            self._pending.add(reply)
+            reply.add_done_callback(self._write_when_decided)
+
+    def _write_when_decided(self, decided: asyncio.Future[bytes]) -> None:
+        self._pending.discard(decided)
+        if not decided.cancelled():
+            self._write(decided.result())
 
     def _write(self, reply: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():

@@ -8,6 +8,7 @@ with an event, so they check the order of the replies, never a duration.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -126,15 +127,7 @@ def test_uncached_opaque_token_decided_again_with_wait(issuer_server: IssuerServ
 
 @pytest.fixture
 def server(issuer_server: IssuerServer, tmp_path: Path) -> Iterator[SidecarServer]:
-    document = introspecting_config(issuer_server.url, tmp_path)
-    document["server"] = {
-        "grpc_address": f"127.0.0.1:{free_port()}",
-        "http_address": f"127.0.0.1:{free_port()}",
-        "http_authz_address": f"127.0.0.1:{free_port()}",
-        "drain_seconds": 0,
-    }
-    started = SidecarServer(parse_config(document))
-    started.start()
+    started = start_server(issuer_server, tmp_path)
     assert started.issuer_keys["local"].wait_loaded(10)
     yield started
     if issuer_server.hold is not None:
@@ -181,6 +174,89 @@ def test_introspection_does_not_stall_other_calls(
 
         issuer_server.hold.set()
         assert waiting.result(timeout=10) == "allow"
+
+
+def test_http_call_dropped_when_envoy_disconnects(issuer_server: IssuerServer, tmp_path: Path):
+    server = one_wait_thread_server(issuer_server, tmp_path)
+    front_end = server._http_authz
+    assert front_end is not None
+
+    def send_and_disconnect() -> None:
+        waiting = set(front_end.connections)
+        with socket.create_connection(("127.0.0.1", server.http_authz_port)) as gone:
+            gone.sendall(request("opaque-2"))
+            wait_for(lambda: any(c._pending for c in set(front_end.connections) - waiting))
+        wait_for(lambda: not set(front_end.connections) - waiting)
+
+    assert_queued_call_dropped(server, issuer_server, "http", send_and_disconnect)
+
+
+def test_grpc_call_dropped_when_envoy_cancels(issuer_server: IssuerServer, tmp_path: Path):
+    server = one_wait_thread_server(issuer_server, tmp_path)
+
+    def send_until_deadline() -> None:
+        check = CheckRequest()
+        check.attributes.request.http.headers["authorization"] = "Bearer opaque-2"
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Check(check, timeout=1)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    assert_queued_call_dropped(server, issuer_server, "grpc", send_until_deadline)
+
+
+def assert_queued_call_dropped(
+    server: SidecarServer,
+    issuer_server: IssuerServer,
+    front_end: str,
+    send_and_give_up: Callable[[], None],
+) -> None:
+    """Queue opaque-2 behind a held call, give up on it, and check it never reaches the issuer."""
+    try:
+        with futures.ThreadPoolExecutor(max_workers=1) as pool:
+            # The only wait thread waits on the held introspection of opaque-1.
+            first = pool.submit(asker(server, front_end), "opaque-1")
+            wait_for(lambda: issuer_server.introspections() == 1)
+
+            send_and_give_up()
+
+            assert issuer_server.hold is not None
+            issuer_server.hold.set()
+            assert first.result(timeout=10) == "allow"
+        # A job queued after opaque-2 runs only once the queue ahead of it is done.
+        assert server._loop is not None
+        server._loop.wait_pool.submit(lambda: None).result(timeout=10)
+        assert issuer_server.introspections() == 1
+    finally:
+        if issuer_server.hold is not None:
+            issuer_server.hold.set()
+        server.stop(drain=False)
+
+
+def one_wait_thread_server(issuer_server: IssuerServer, tmp_path: Path) -> SidecarServer:
+    """Start a sidecar with one wait thread; hold the issuer's replies to opaque-1 and opaque-2."""
+    for token in ("opaque-1", "opaque-2"):
+        issuer_server.introspection_results[token] = active_reply(
+            issuer_server.url, aud="Amplify Central"
+        )
+    issuer_server.hold = threading.Event()
+    return start_server(issuer_server, tmp_path, wait_threads=1)
+
+
+def start_server(issuer_server: IssuerServer, tmp_path: Path, **settings: Any) -> SidecarServer:
+    """Start a sidecar with both front ends on free ports, with extra `server` settings."""
+    document = introspecting_config(issuer_server.url, tmp_path)
+    document["server"] = {
+        "grpc_address": f"127.0.0.1:{free_port()}",
+        "http_address": f"127.0.0.1:{free_port()}",
+        "http_authz_address": f"127.0.0.1:{free_port()}",
+        "drain_seconds": 0,
+        **settings,
+    }
+    server = SidecarServer(parse_config(document))
+    server.start()
+    return server
 
 
 def asker(server: SidecarServer, front_end: str) -> Callable[[str], str]:
