@@ -297,6 +297,15 @@ class _Parser:
         )
 
     def server(self, value: Any) -> ServerConfig:
+        if isinstance(value, dict) and "grpc_threads" in value:
+            # The key's meaning changed with its name, so it is not taken as an alias.
+            raise self.fail(
+                "server.grpc_threads",
+                "replaced by server.wait_threads",
+                "Check calls are now decided on an event loop, and wait_threads sizes the pool "
+                "for calls that wait on the network. Rename the key, or remove it to use the "
+                "default of 16.",
+            )
         section = self.mapping(
             value,
             "server",

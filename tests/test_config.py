@@ -81,6 +81,7 @@ def test_minimal_config_defaults():
     [
         ("issuers.0.audience", ["x"], "issuers[0].audience: unknown key"),
         ("server.port", 1, "server.port: unknown key"),
+        ("server.grpc_threads", 16, "server.grpc_threads: replaced by server.wait_threads"),
         ("issuers.0.audiences", "Amplify Central", "issuers[0].audiences: expected a list"),
         ("issuers.0.audiences", [], "issuers[0].audiences: needs at least 1 entry"),
         ("issuers.0.leeway_seconds", "30", "issuers[0].leeway_seconds: expected an integer"),
