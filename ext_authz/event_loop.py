@@ -14,6 +14,8 @@ from collections.abc import Coroutine
 from concurrent import futures
 from typing import Any, TypeVar
 
+from .verify import INTROSPECTION_POOL, KEYS_POOL
+
 T = TypeVar("T")
 
 # How long stop() waits for the loop thread to end, in seconds.
@@ -26,9 +28,13 @@ class LoopThread:
     def __init__(self, wait_threads: int, name: str = "check-loop") -> None:
         self._name = name
         self.loop = _new_loop()
-        self.wait_pool = futures.ThreadPoolExecutor(
-            max_workers=wait_threads, thread_name_prefix="check-wait"
-        )
+        # One pool per kind of wait (verify.KEYS_POOL, verify.INTROSPECTION_POOL).
+        self.wait_pools = {
+            kind: futures.ThreadPoolExecutor(
+                max_workers=wait_threads, thread_name_prefix=f"wait-{kind}"
+            )
+            for kind in (KEYS_POOL, INTROSPECTION_POOL)
+        }
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -50,7 +56,8 @@ class LoopThread:
             self._thread.join(timeout=STOP_JOIN_SECONDS)
         # Calls still waiting on the network finish in the background,
         # because the process is about to exit.
-        self.wait_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self.wait_pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)

@@ -42,9 +42,13 @@ class _AsyncAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
             view = view_request(request)
             try:
                 outcome = service.evaluate(view, False, started_ns)
-            except WaitNeeded:
+            except WaitNeeded as waiting:
                 outcome = await self._loop_thread.loop.run_in_executor(
-                    self._loop_thread.wait_pool, service.evaluate, view, True, started_ns
+                    self._loop_thread.wait_pools[waiting.pool],
+                    service.evaluate,
+                    view,
+                    True,
+                    started_ns,
                 )
             response = grpc_response(outcome)
         except Exception:

@@ -210,9 +210,13 @@ class HttpAuthzServer:
         started_ns = time.time_ns()
         try:
             reply = render(self._service.evaluate(view, False, started_ns))
-        except WaitNeeded:
+        except WaitNeeded as waiting:
             return self._loop_thread.loop.run_in_executor(
-                self._loop_thread.wait_pool, self._decide_waiting, view, started, started_ns
+                self._loop_thread.wait_pools[waiting.pool],
+                self._decide_waiting,
+                view,
+                started,
+                started_ns,
             )
         except Exception:
             reply = self._internal_error(view)

@@ -19,7 +19,7 @@ from .config import IssuerConfig
 from .issuer_fetch import Fetcher, FetchError, FetchResult
 from .metrics import Metrics
 from .reasons import Reason
-from .verify import VerificationError, VerifiedToken, WaitNeeded
+from .verify import INTROSPECTION_POOL, VerificationError, VerifiedToken, WaitNeeded
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Introspector:
             if entry is None or entry[1] <= now:
                 if not may_wait:
                     # Counted as a miss when the call is repeated on a thread.
-                    raise WaitNeeded
+                    raise WaitNeeded(INTROSPECTION_POOL)
                 self._metrics.introspection_cache.labels(self.config.name, "miss").inc()
                 return None
             self._cache.move_to_end(digest)

@@ -48,8 +48,20 @@ class WaitNeeded(Exception):
 
     Raised only when the caller passed `may_wait=False`, before anything was
     counted or started. The caller decides the request again, with
-    `may_wait=True`, on a thread that may block.
+    `may_wait=True`, on a thread that may block. `pool` names the kind of
+    wait: KEYS_POOL for a key refetch, INTROSPECTION_POOL for an
+    introspection request.
     """
+
+    def __init__(self, pool: str) -> None:
+        super().__init__(pool)
+        self.pool = pool
+
+
+# Kinds of network wait, each with a thread pool of its own, so that a slow
+# introspection endpoint cannot delay tokens signed with a new key.
+KEYS_POOL = "keys"
+INTROSPECTION_POOL = "introspection"
 
 
 @dataclass(slots=True)
@@ -171,7 +183,7 @@ class Verifier:
         if key_set is None or (kid is not None and not key_set.has_kid(kid)):
             # Unknown kid: the issuer may have rotated its keys since the last fetch.
             if not keys.refetch_for_unknown_kid(may_wait):
-                raise WaitNeeded
+                raise WaitNeeded(KEYS_POOL)
             key_set = keys.keys
         if key_set is None:
             raise VerificationError(Reason.KEYS_UNAVAILABLE, "no usable key set for the issuer")

@@ -114,6 +114,8 @@ class IssuerServer:
     requests: list[str] = field(default_factory=list)
     # When set, JWKS and introspection replies wait until the event is set (at most 10 s).
     hold: threading.Event | None = None
+    # When set, introspection replies alone wait until the event is set (at most 10 s).
+    hold_introspection: threading.Event | None = None
     port: int = 0
 
     @property
@@ -216,8 +218,9 @@ def running_issuer(server: IssuerServer) -> Iterator[IssuerServer]:
                 key: values[0] for key, values in parse_qs(self.rfile.read(length).decode()).items()
             }
             status, body = server.introspect(self.headers.get("Authorization", ""), form)
-            if server.hold is not None:
-                server.hold.wait(10)
+            for hold in (server.hold, server.hold_introspection):
+                if hold is not None:
+                    hold.wait(10)
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

@@ -26,7 +26,7 @@ from ext_authz.issuer_keys import IssuerKeys
 from ext_authz.metrics import Metrics
 from ext_authz.request_view import RequestView
 from ext_authz.server import SidecarServer
-from ext_authz.verify import WaitNeeded
+from ext_authz.verify import INTROSPECTION_POOL, WaitNeeded
 
 from .support import IssuerServer, SigningKey, claims_for, free_port
 from .test_check import Harness, make_config
@@ -176,6 +176,34 @@ def test_introspection_does_not_stall_other_calls(
         assert waiting.result(timeout=10) == "allow"
 
 
+@pytest.mark.parametrize("front_end", ["grpc", "http"])
+def test_introspection_does_not_delay_key_refetch(
+    issuer_server: IssuerServer, tmp_path: Path, front_end: str
+):
+    issuer_server.introspection_results["opaque-1"] = active_reply(
+        issuer_server.url, aud="Amplify Central"
+    )
+    issuer_server.hold_introspection = threading.Event()
+    rotated = SigningKey.rsa("rotated")
+    server = start_server(issuer_server, tmp_path, wait_threads=1)
+    ask = asker(server, front_end)
+    try:
+        with futures.ThreadPoolExecutor(max_workers=1) as pool:
+            # The only introspection thread waits on the held reply for opaque-1.
+            waiting = pool.submit(ask, "opaque-1")
+            wait_for(lambda: issuer_server.introspections() == 1)
+            issuer_server.keys.append(rotated)
+
+            assert ask(rotated.sign(claims_for(issuer_server.url))) == "allow"
+            assert not waiting.done()
+
+            issuer_server.hold_introspection.set()
+            assert waiting.result(timeout=10) == "allow"
+    finally:
+        issuer_server.hold_introspection.set()
+        server.stop(drain=False)
+
+
 def test_http_call_dropped_when_envoy_disconnects(issuer_server: IssuerServer, tmp_path: Path):
     server = one_wait_thread_server(issuer_server, tmp_path)
     front_end = server._http_authz
@@ -226,7 +254,7 @@ def assert_queued_call_dropped(
             assert first.result(timeout=10) == "allow"
         # A job queued after opaque-2 runs only once the queue ahead of it is done.
         assert server._loop is not None
-        server._loop.wait_pool.submit(lambda: None).result(timeout=10)
+        server._loop.wait_pools[INTROSPECTION_POOL].submit(lambda: None).result(timeout=10)
         assert issuer_server.introspections() == 1
     finally:
         if issuer_server.hold is not None:
