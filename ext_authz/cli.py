@@ -114,7 +114,7 @@ def _load(arguments: argparse.Namespace) -> tuple[Path, Config] | None:
 
 
 def _serve(arguments: argparse.Namespace) -> int:
-    from .server import SidecarServer, StartupError
+    from .server import SidecarServer, StartupError, exit_after_stop
 
     loaded = _load(arguments)
     if loaded is None:
@@ -130,7 +130,7 @@ def _serve(arguments: argparse.Namespace) -> int:
     except StartupError as error:
         log.error("%s", error)
         return 1
-    return 0
+    exit_after_stop(0)
 
 
 def _check_config(arguments: argparse.Namespace) -> int:

@@ -54,8 +54,8 @@ class LoopThread:
         if self._thread is not None and self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=STOP_JOIN_SECONDS)
-        # Calls still waiting on the network finish in the background,
-        # because the process is about to exit.
+        # Threads still inside a network call are not waited for here. The
+        # process then ends with server.exit_after_stop, which skips them.
         for pool in self.wait_pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from prometheus_client import generate_latest
 
@@ -336,6 +338,20 @@ class SidecarServer:
                 state.issuer,
                 state.last_error or "first fetch still running",
             )
+
+
+def exit_after_stop(code: int) -> NoReturn:
+    """End the process at once, after SidecarServer.stop() has returned.
+
+    A wait-pool thread can still be inside a network call whose caller is
+    gone, for up to twice the fetch timeout (metadata, then the request).
+    Python joins those threads at exit, which would outlast the shutdown
+    grace period, so the process ends without joining them.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _file_digest(path: Path) -> bytes | None:

@@ -71,7 +71,7 @@ def _shift_port(address: str, offset: int) -> str:
 
 def _run_worker(config: Config, config_path: Path | None, index: int, pipe: Connection) -> None:
     # The worker's gRPC server and threads are created here, after the fork.
-    from .server import SidecarServer, StartupError
+    from .server import SidecarServer, StartupError, exit_after_stop
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # The supervisor sends SIGTERM.
     _terminate_with_parent()
@@ -87,6 +87,7 @@ def _run_worker(config: Config, config_path: Path | None, index: int, pipe: Conn
     except StartupError as error:
         log.error("%s", error)
         raise SystemExit(1) from None
+    exit_after_stop(0)
 
 
 @dataclasses.dataclass

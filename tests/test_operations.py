@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +119,58 @@ def test_sigterm_exits_zero(sidecar: Sidecar):
     assert any("loaded 2 signing keys" in message for message in messages)
     assert any(message.startswith("received SIGTERM") for message in messages)
     assert messages[-1] == "stopped"
+
+
+def test_sigterm_skips_held_network_call(tmp_path: Path, issuer_server: IssuerServer):
+    """A wait-pool thread still inside an introspection request does not keep the process up."""
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-value")
+    grpc_port, http_port = free_port(), free_port()
+    config: dict[str, Any] = {
+        "server": {
+            "grpc_address": f"127.0.0.1:{grpc_port}",
+            "http_address": f"127.0.0.1:{http_port}",
+            "shutdown_grace_seconds": 0,
+            "drain_seconds": 0,
+        },
+        "issuers": [
+            {
+                "name": "local",
+                "issuer": issuer_server.url,
+                "audiences": ["Amplify Central"],
+                "allow_insecure_http": True,
+                "fetch_timeout_seconds": 10,
+                "introspection": {"client_id": "ext-authz", "client_secret_file": str(secret)},
+            }
+        ],
+        "policies": [{"name": "default", "issuers": ["local"]}],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    issuer_server.hold_introspection = threading.Event()
+    sidecar = start_sidecar(path, grpc_port, http_port)
+    request = CheckRequest()
+    request.attributes.request.http.headers["authorization"] = "Bearer opaque-held"
+    try:
+        with grpc.insecure_channel(sidecar.grpc_target) as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            pending_call = stub.Check.future(request, timeout=20)
+            deadline = time.monotonic() + 10
+            while issuer_server.introspections() == 0:
+                assert time.monotonic() < deadline, "the introspection request never arrived"
+                time.sleep(0.01)
+
+            sidecar.process.send_signal(signal.SIGTERM)
+
+            # The issuer still delays its reply, for up to 10 s, while the process ends.
+            assert sidecar.process.wait(timeout=8) == 0
+            assert not issuer_server.hold_introspection.is_set()
+            pending_call.cancel()
+    finally:
+        issuer_server.hold_introspection.set()
+        if sidecar.process.poll() is None:
+            sidecar.process.kill()
+            sidecar.process.wait()
 
 
 def test_serve_with_invalid_config_exits_2(tmp_path: Path):
