@@ -74,6 +74,7 @@ class SidecarServer:
         self._http_authz: HttpAuthzServer | None = None
         self.http_authz_port = 0
         self._serving = False
+        self._key_wait_lock = threading.Lock()
         self.grpc_port = 0
         self.http_port = 0
 
@@ -119,8 +120,7 @@ class SidecarServer:
         self.http_port = self._http.port
 
         self._set_serving(True)
-        if config.server.require_keys_for_ready:
-            threading.Thread(target=self._wait_for_keys, name="readiness", daemon=True).start()
+        self._watch_readiness()
         log.info(
             "serving Check on %s and /metrics, /healthz, /readyz on %s (config %s)",
             _with_port(config.server.grpc_address, self.grpc_port),
@@ -281,6 +281,9 @@ class SidecarServer:
         for keys in retired:
             keys.stop()
         self._update_health()
+        # An issuer added by the reload makes the service unready until its
+        # first key fetch succeeds, as at start-up.
+        self._watch_readiness()
 
     def _config_file_changed(self) -> bool:
         if self.config_path is None:
@@ -318,14 +321,34 @@ class SidecarServer:
         if self._grpc is not None:
             self._grpc.set_health(self.is_ready())
 
+    def _watch_readiness(self) -> None:
+        """Start the thread that reports SERVING once every issuer has keys, unless one runs."""
+        if not self.config.server.require_keys_for_ready:
+            return
+        # The thread starts even when every issuer has keys already: they may
+        # have arrived after the caller last set the health status.
+        if self._key_wait_lock.acquire(blocking=False):
+            threading.Thread(target=self._wait_for_keys, name="readiness", daemon=True).start()
+
     def _wait_for_keys(self) -> None:
         # Readiness waits only for the first load of each issuer. Later
         # outages keep the service ready, because stale keys still verify.
-        while self._serving and not self.is_ready():
-            time.sleep(0.1)
-        if self._serving:
-            self._update_health()
-            log.info("ready: every issuer has loaded its keys (server.require_keys_for_ready)")
+        try:
+            waited = False
+            while self._serving and not self.is_ready():
+                waited = True
+                time.sleep(0.1)
+            if self._serving:
+                self._update_health()
+                if waited:
+                    log.info(
+                        "ready: every issuer has loaded its keys (server.require_keys_for_ready)"
+                    )
+        finally:
+            self._key_wait_lock.release()
+        # A reload may have added an issuer after the last check above.
+        if self._serving and not self.is_ready():
+            self._watch_readiness()
 
     def _log_key_states(self) -> None:
         for keys in self.issuer_keys.values():

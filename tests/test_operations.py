@@ -20,10 +20,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ext_authz.api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from ext_authz.api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest
-from ext_authz.config import parse_config
+from ext_authz.config import load_config, parse_config
 from ext_authz.server import SidecarServer
 
-from .support import IssuerServer, Sidecar, SigningKey, claims_for, free_port, start_sidecar
+from .support import (
+    IssuerServer,
+    Sidecar,
+    SigningKey,
+    claims_for,
+    free_port,
+    running_issuer,
+    start_sidecar,
+)
 
 
 @pytest.fixture
@@ -227,26 +235,7 @@ def test_taken_port_exits_with_message(tmp_path: Path, key: str):
 
 def test_readiness_waits_for_keys_when_required(issuer_server: IssuerServer):
     issuer_server.jwks_mode = "status"
-    config = parse_config(
-        {
-            "server": {
-                "grpc_address": f"127.0.0.1:{free_port()}",
-                "http_address": f"127.0.0.1:{free_port()}",
-                "require_keys_for_ready": True,
-                "shutdown_grace_seconds": 1,
-            },
-            "issuers": [
-                {
-                    "name": "local",
-                    "issuer": issuer_server.url,
-                    "audiences": ["Amplify Central"],
-                    "allow_insecure_http": True,
-                }
-            ],
-            "policies": [{"name": "default", "issuers": ["local"]}],
-        }
-    )
-    server = SidecarServer(config)
+    server = SidecarServer(parse_config(keys_required_document(issuer_server.url)))
     server.start()
     try:
         sidecar = Sidecar(None, server.grpc_port, server.http_port)  # type: ignore[arg-type]
@@ -276,3 +265,66 @@ def test_readiness_waits_for_keys_when_required(issuer_server: IssuerServer):
                 time.sleep(0.05)
     finally:
         server.stop(drain=False)
+
+
+def test_reload_adding_issuer_waits_for_its_keys(issuer_server: IssuerServer, tmp_path: Path):
+    """With require_keys_for_ready, an issuer added by a reload is awaited as at start-up."""
+    document = keys_required_document(issuer_server.url)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    server = SidecarServer(load_config(path), config_path=path)
+    server.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    try:
+        with running_issuer(IssuerServer(keys=[SigningKey.rsa("second")])) as second:
+            wait_for_health(server, serving)
+            second.jwks_mode = "status"
+            document["issuers"].append(
+                {
+                    "name": "second",
+                    "issuer": second.url,
+                    "audiences": ["Amplify Central"],
+                    "allow_insecure_http": True,
+                }
+            )
+            path.write_text(yaml.safe_dump(document))
+
+            assert server.reload()
+            wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+            second.jwks_mode = "ok"
+            wait_for_health(server, serving)
+    finally:
+        server.stop(drain=False)
+
+
+def keys_required_document(issuer_url: str) -> dict[str, Any]:
+    """Return a config document with require_keys_for_ready and one issuer, "local"."""
+    return {
+        "server": {
+            "grpc_address": f"127.0.0.1:{free_port()}",
+            "http_address": f"127.0.0.1:{free_port()}",
+            "require_keys_for_ready": True,
+            "shutdown_grace_seconds": 1,
+        },
+        "issuers": [
+            {
+                "name": "local",
+                "issuer": issuer_url,
+                "audiences": ["Amplify Central"],
+                "allow_insecure_http": True,
+            }
+        ],
+        "policies": [{"name": "default", "issuers": ["local"]}],
+    }
+
+
+def wait_for_health(server: SidecarServer, expected: int) -> None:
+    """Poll the gRPC health service of `server` until it reports `expected`, for up to 30 s."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        deadline = time.monotonic() + 30
+        while stub.Check(request, timeout=5).status != expected:
+            assert time.monotonic() < deadline, f"gRPC health never reported {expected}"
+            time.sleep(0.05)
