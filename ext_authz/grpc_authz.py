@@ -80,10 +80,10 @@ class GrpcAuthzServer:
         if self._health is not None and self._loop_thread.running:
             self._loop_thread.run(self._set_health(serving), timeout=5)
 
-    def stop(self, grace: float) -> None:
-        """Refuse new calls and give calls in flight `grace` seconds to finish."""
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls and give calls in flight `grace` seconds to finish; run on the loop."""
         if self._server is not None:
-            self._loop_thread.run(self._server.stop(grace), timeout=grace + 5)
+            await self._server.stop(grace)
 
     async def _start(self) -> int:
         # gRPC sets SO_REUSEPORT by default, so a second sidecar on a taken

@@ -165,10 +165,18 @@ class _Connection(asyncio.Protocol):
         if not decided.cancelled():
             self._write(decided.result())
 
+    @property
+    def busy(self) -> bool:
+        """Whether a reply is still being decided on the wait pool."""
+        return bool(self._pending)
+
     def _write(self, reply: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(reply)
-            if not self._parser.should_keep_alive():
+            # During shut-down a connection closes once its last reply is out.
+            if not self._parser.should_keep_alive() or (
+                self._server.stopping and not self._pending
+            ):
                 self._transport.close()
 
     def _reply_and_close(self, reply: bytes) -> None:
@@ -188,6 +196,7 @@ class HttpAuthzServer:
         self._host, self._requested_port = host, port
         self._server: asyncio.base_events.Server | None = None
         self.connections: set[_Connection] = set()
+        self.stopping = False
         self.port = 0
 
     def start(self) -> None:
@@ -199,10 +208,26 @@ class HttpAuthzServer:
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
 
-    def stop(self) -> None:
-        """Stop accepting connections and close the open ones."""
-        if self._server is not None:
-            self._loop_thread.run(self._close(), timeout=5)
+    async def stop(self, grace: float) -> None:
+        """Stop accepting connections and give replies in flight `grace` seconds; run on the loop.
+
+        Idle keep-alive connections close at once, and each busy one closes
+        after its reply. Connections still busy after `grace` are closed,
+        which cancels their calls.
+        """
+        if self._server is None:
+            return
+        self.stopping = True
+        self._server.close()
+        for connection in list(self.connections):
+            if not connection.busy:
+                connection.close()
+        deadline = time.monotonic() + grace
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.close()
+        await self._server.wait_closed()
 
     def answer(self, view: RequestView) -> bytes | asyncio.Future[bytes]:
         """Decide on the loop, or on the wait pool when the call has to wait on the network."""
@@ -233,11 +258,3 @@ class HttpAuthzServer:
 
     def _internal_error(self, view: RequestView) -> bytes:
         return render(self._service.internal_error(view, self._service.engine.config.deny))
-
-    async def _close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        # Keep-alive connections from Envoy stay open after close(); end them.
-        for connection in list(self.connections):
-            connection.close()
-        await self._server.wait_closed()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -10,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -178,12 +179,18 @@ class SidecarServer:
         log.info("stopped")
 
     def _stop_front_ends(self, grace: float) -> None:
-        if self._http_authz is not None:
-            self._http_authz.stop()
-        if self._grpc is not None:
-            self._grpc.stop(grace)
-        if self._loop is not None:
-            self._loop.stop()
+        if self._loop is None:
+            return
+        # Both front ends finish their calls in flight at the same time, so
+        # shut-down takes at most `grace`, not twice that.
+        stopping = [
+            front_end.stop(grace)
+            for front_end in (self._http_authz, self._grpc)
+            if front_end is not None
+        ]
+        if stopping:
+            self._loop.run(_all(stopping), timeout=grace + 5)
+        self._loop.stop()
 
     def _stop_key_threads(self) -> None:
         for keys in self.issuer_keys.values():
@@ -361,6 +368,10 @@ class SidecarServer:
                 state.issuer,
                 state.last_error or "first fetch still running",
             )
+
+
+async def _all(coroutines: list[Coroutine[Any, Any, None]]) -> None:
+    await asyncio.gather(*coroutines)
 
 
 def exit_after_stop(code: int) -> NoReturn:

@@ -204,6 +204,33 @@ def test_introspection_does_not_delay_key_refetch(
         server.stop(drain=False)
 
 
+@pytest.mark.parametrize("front_end", ["grpc", "http"])
+def test_shutdown_finishes_call_in_flight(
+    issuer_server: IssuerServer, tmp_path: Path, front_end: str
+):
+    issuer_server.introspection_results["opaque-1"] = active_reply(
+        issuer_server.url, aud="Amplify Central"
+    )
+    issuer_server.hold_introspection = threading.Event()
+    server = start_server(issuer_server, tmp_path, shutdown_grace_seconds=10)
+    http_front_end = server._http_authz
+    assert http_front_end is not None
+    try:
+        with futures.ThreadPoolExecutor(max_workers=2) as pool:
+            in_flight = pool.submit(asker(server, front_end), "opaque-1")
+            wait_for(lambda: issuer_server.introspections() == 1)
+
+            stopped = pool.submit(server.stop, False)
+            wait_for(lambda: http_front_end.stopping)
+            assert not in_flight.done()
+
+            issuer_server.hold_introspection.set()
+            assert in_flight.result(timeout=10) == "allow"
+            stopped.result(timeout=15)
+    finally:
+        issuer_server.hold_introspection.set()
+
+
 def test_http_call_dropped_when_envoy_disconnects(issuer_server: IssuerServer, tmp_path: Path):
     server = one_wait_thread_server(issuer_server, tmp_path)
     front_end = server._http_authz
