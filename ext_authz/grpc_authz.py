@@ -88,6 +88,9 @@ class GrpcAuthzServer:
     async def _start(self) -> int:
         # gRPC sets SO_REUSEPORT by default, so a second sidecar on a taken
         # port would silently share Envoy's connections instead of failing.
+        # NOTE: gRPC's default 4 MiB limit on a received message stays. A
+        # larger CheckRequest gets RESOURCE_EXHAUSTED from gRPC, not a deny;
+        # docs/security.md says how Envoy's failure mode then decides.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             _AsyncAuthorization(self._service, self._loop_thread), server
