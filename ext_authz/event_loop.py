@@ -50,7 +50,7 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def stop(self) -> None:
-        """Stop the loop, end its thread and the wait pool. Stop the servers on it first."""
+        """Stop the loop, end its thread and shut the wait pools down. Stop the servers first."""
         if self._thread is not None and self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=STOP_JOIN_SECONDS)

@@ -16,9 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .api.envoy.service.auth.v3 import external_auth_pb2_grpc
 from .api.envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 from .event_loop import LoopThread
-from .request_view import view_request
-from .response import build_response
-from .service import AuthorizationService, grpc_response
+from .service import AuthorizationService
 from .verify import WaitNeeded
 
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
@@ -35,25 +33,22 @@ class _AsyncAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
         self, request: CheckRequest, context: grpc.aio.ServicerContext
     ) -> CheckResponse:
         started = time.perf_counter()
-        started_ns = time.time_ns()
         service = self._service
-        deny = service.engine.config.deny
+        started_ns = service.trace_start()
         try:
-            view = view_request(request)
+            response = service.respond(request, False, started_ns)
+        except WaitNeeded as waiting:
             try:
-                outcome = service.evaluate(view, False, started_ns)
-            except WaitNeeded as waiting:
-                outcome = await self._loop_thread.loop.run_in_executor(
+                response = await self._loop_thread.loop.run_in_executor(
                     self._loop_thread.wait_pools[waiting.pool],
-                    service.evaluate,
-                    view,
+                    service.respond,
+                    request,
                     True,
                     started_ns,
                 )
-            response = grpc_response(outcome)
-        except Exception:
-            outcome = service.internal_error(None, deny)
-            response = build_response(outcome.decision, deny)
+            except Exception:
+                # For example a wait pool that is already shut down.
+                response = service.internal_error_response()
         service.observe_duration(time.perf_counter() - started)
         return response
 
@@ -89,8 +84,8 @@ class GrpcAuthzServer:
         # gRPC sets SO_REUSEPORT by default, so a second sidecar on a taken
         # port would silently share Envoy's connections instead of failing.
         # NOTE: gRPC's default 4 MiB limit on a received message stays. A
-        # larger CheckRequest gets RESOURCE_EXHAUSTED from gRPC, not a deny;
-        # docs/security.md says how Envoy's failure mode then decides.
+        # larger CheckRequest gets RESOURCE_EXHAUSTED from gRPC, not a deny.
+        # docs/security.md explains how Envoy's failure mode then decides.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             _AsyncAuthorization(self._service, self._loop_thread), server

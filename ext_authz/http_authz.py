@@ -232,29 +232,33 @@ class HttpAuthzServer:
     def answer(self, view: RequestView) -> bytes | asyncio.Future[bytes]:
         """Decide on the loop, or on the wait pool when the call has to wait on the network."""
         started = time.perf_counter()
-        started_ns = time.time_ns()
+        started_ns = self._service.trace_start()
         try:
-            reply = render(self._service.evaluate(view, False, started_ns))
+            return self._decide(view, False, started, started_ns)
         except WaitNeeded as waiting:
-            return self._loop_thread.loop.run_in_executor(
-                self._loop_thread.wait_pools[waiting.pool],
-                self._decide_waiting,
-                view,
-                started,
-                started_ns,
-            )
-        except Exception:
-            reply = self._internal_error(view)
-        self._service.observe_duration(time.perf_counter() - started)
-        return reply
+            try:
+                return self._loop_thread.loop.run_in_executor(
+                    self._loop_thread.wait_pools[waiting.pool],
+                    self._decide,
+                    view,
+                    True,
+                    started,
+                    started_ns,
+                )
+            except Exception:
+                # For example a wait pool that is already shut down.
+                service = self._service
+                return render(service.internal_error(view, service.engine.config.deny))
 
-    def _decide_waiting(self, view: RequestView, started: float, started_ns: int) -> bytes:
+    def _decide(
+        self, view: RequestView, may_wait: bool, started: float, started_ns: int | None
+    ) -> bytes:
+        service = self._service
         try:
-            reply = render(self._service.evaluate(view, True, started_ns))
+            reply = render(service.evaluate(view, may_wait, started_ns))
+        except WaitNeeded:
+            raise
         except Exception:
-            reply = self._internal_error(view)
-        self._service.observe_duration(time.perf_counter() - started)
+            reply = render(service.internal_error(view, service.engine.config.deny))
+        service.observe_duration(time.perf_counter() - started)
         return reply
-
-    def _internal_error(self, view: RequestView) -> bytes:
-        return render(self._service.internal_error(view, self._service.engine.config.deny))

@@ -170,15 +170,32 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         synchronous form is for callers in the same process, such as tests.
         """
         started = time.perf_counter()
-        deny = self.engine.config.deny
-        try:
-            outcome = self.evaluate(view_request(request))
-            response = grpc_response(outcome)
-        except Exception:
-            outcome = self.internal_error(None, deny)
-            response = build_response(outcome.decision, deny)
+        response = self.respond(request)
         self._metrics.check_duration.observe(time.perf_counter() - started)
         return response
+
+    def respond(
+        self, request: CheckRequest, may_wait: bool = True, started_ns: int | None = None
+    ) -> CheckResponse:
+        """Decide one CheckRequest and build its CheckResponse; any error becomes a deny.
+
+        WaitNeeded passes through, as from evaluate().
+        """
+        try:
+            return _grpc_response(self.evaluate(view_request(request), may_wait, started_ns))
+        except WaitNeeded:
+            raise
+        except Exception:
+            return self.internal_error_response()
+
+    def internal_error_response(self) -> CheckResponse:
+        """Count and log an unexpected error, and return its deny response."""
+        deny = self.engine.config.deny
+        return build_response(self.internal_error(None, deny).decision, deny)
+
+    def trace_start(self) -> int | None:
+        """Return the start time for the trace span of a call, or None when tracing is off."""
+        return time.time_ns() if self._tracer.enabled else None
 
     def evaluate(
         self, view: RequestView, may_wait: bool = True, started_ns: int | None = None
@@ -272,7 +289,7 @@ class Outcome:
     deny: DenyConfig
 
 
-def grpc_response(outcome: Outcome) -> CheckResponse:
+def _grpc_response(outcome: Outcome) -> CheckResponse:
     decision = outcome.decision
     if outcome.label == "allow":
         return rendered_allow(decision, "grpc", _grpc_allow)

@@ -1,6 +1,6 @@
 """JWS signature checks (RFC 7518 §3, RFC 8037 §3.1) with `cryptography`, built once per algorithm.
 
-Each check returns True or False and never raises on a bad signature. The
+Each check returns False for a bad or malformed signature instead of raising. The
 key was chosen for the algorithm by jwks.py (`VerificationKey.fits`), so an
 EC key's curve matches its ES algorithm here.
 """
